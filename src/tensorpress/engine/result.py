@@ -1,0 +1,68 @@
+"""What a compression run returns: the model, a per-layer report and timings."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tensorpress.io.checkpoint import save_checkpoint
+from tensorpress.models import LoadedModel
+from tensorpress.recipe import Recipe
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    parts: list[str]  # one description per part, e.g. "int4 g128 asym"
+    weight_bits: int  # exact storage of the parts
+    seconds: float = 0.0
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.weight_bits / self.numel
+
+
+@dataclass
+class CompressionResult:
+    model: LoadedModel
+    recipe: Recipe
+    layers: dict[str, LayerReport]
+    timings: dict[str, float] = field(default_factory=dict)
+    calibration: str = ""  # description of the calibration windows, "" when none were used
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per weight over the compressed linears (parts only, biases excluded)."""
+        numel = sum(r.numel for r in self.layers.values())
+        return sum(r.weight_bits for r in self.layers.values()) / numel if numel else float("nan")
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write a checkpoint directory (atomic); ``tp.load_compressed(path)`` reads it back."""
+        return save_checkpoint(
+            self.model,
+            path,
+            recipe=self.recipe,
+            overwrite=overwrite,
+            extra={
+                "timings": self.timings,
+                "calibration": self.calibration,
+                "layer_seconds": {n: r.seconds for n, r in self.layers.items()},
+            },
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base_model": self.model.info.get("base_model", self.model.spec),
+            "recipe": self.recipe.to_dict(),
+            "bits_per_weight": self.bits_per_weight,
+            "timings": self.timings,
+            "calibration": self.calibration,
+            "layers": {n: asdict(r) for n, r in self.layers.items()},
+        }

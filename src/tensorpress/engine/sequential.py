@@ -1,0 +1,191 @@
+"""The sequential (block-by-block) compression engine, for every architecture alike.
+
+For each block, in order: (1) its inputs are the previous block's outputs (the first block's
+are captured from the embeddings); (2) for each recipe stage that needs statistics, hooks on
+the stage's linears accumulate them while the block runs on the calibration windows; (3) the
+stage's method replaces each selected linear by a ``CompressedLinear``; (4) the compressed block
+is run again to produce the next block's inputs. Peak memory is one block plus the calibration
+activations. A recipe whose methods need no statistics skips calibration altogether.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+from tensorpress.data import TokenWindows
+from tensorpress.engine.linears import bias_of, is_linear, weight_of
+from tensorpress.engine.result import CompressionResult, LayerReport
+from tensorpress.engine.stats import StatsHooks
+from tensorpress.errors import CalibrationError, InvalidWeightError, RecipeError
+from tensorpress.methods import LayerInput, MethodConfig
+from tensorpress.models import LoadedModel
+from tensorpress.parts import CompressedLinear
+from tensorpress.progress import track
+from tensorpress.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+# One captured call of a block: (hidden_states, other positional args, keyword args).
+BlockCall = tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]
+
+
+def _strip_caches(value: Any) -> Any:
+    return None if isinstance(value, Cache) else value
+
+
+def capture_block_inputs(lm: LoadedModel, model: nn.Module, windows: TokenWindows, batch_size: int) -> list[BlockCall]:
+    """Inputs of the first block for each batch of windows.
+
+    The block list is swapped for a list holding only the first block, so the base model runs
+    its embeddings, that one block and its final norm; a pre-hook records the block's call.
+    """
+    adapter = lm.adapter
+    blocks_path = adapter.blocks_path(model)
+    parent_path, _, attr = blocks_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    blocks = adapter.blocks(model)
+    base = adapter.base(model)
+    calls: list[BlockCall] = []
+
+    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = {k: _strip_caches(v) for k, v in kwargs.items()}
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        calls.append((hidden.detach(), tuple(_strip_caches(a) for a in args[1:]), kwargs))
+
+    call_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(base.forward).parameters else {}
+    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    setattr(parent, attr, nn.ModuleList([blocks[0]]))
+    try:
+        with torch.inference_mode():
+            for batch in windows.batches(batch_size):
+                base(input_ids=batch.to(_device_of(model)), **call_kwargs)
+    finally:
+        setattr(parent, attr, blocks)
+        handle.remove()
+    return calls
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def run_block(block: nn.Module, calls: list[BlockCall]) -> list[BlockCall]:
+    """Run a block on every captured call; the outputs become the next block's hidden states."""
+    outputs = []
+    with torch.inference_mode():
+        for hidden, args, kwargs in calls:
+            out = block(hidden, *args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            outputs.append((out, args, kwargs))
+    return outputs
+
+
+def _check_finite(name: str, weight: torch.Tensor) -> None:
+    bad = (~torch.isfinite(weight)).sum().item()
+    if bad:
+        raise InvalidWeightError(
+            f"{name}: the weight has {bad} NaN/Inf value(s) out of {weight.numel()}; "
+            "a weight must be finite to be compressed (is the checkpoint corrupt?)"
+        )
+
+
+def _selected_linears(lm: LoadedModel, model: nn.Module, stage: MethodConfig) -> list[str]:
+    prefix = lm.adapter.blocks_path(model)
+    names = []
+    for i, block in enumerate(lm.adapter.blocks(model)):
+        for rel in lm.adapter.block_linears():
+            full = f"{prefix}.{i}.{rel}"
+            if is_linear(block.get_submodule(rel)) and stage.selects(full):
+                names.append(full)
+    return names
+
+
+def _validate_targets(lm: LoadedModel, model: nn.Module, recipe: Recipe) -> None:
+    example = f"{lm.adapter.blocks_path(model)}.0.{lm.adapter.block_linears()[0]}"
+    for i, stage in enumerate(recipe.stages):
+        if not _selected_linears(lm, model, stage):
+            raise RecipeError(
+                f"stage {i + 1} ({stage.name}): targets {stage.targets} minus ignore "
+                f"{stage.ignore} match no linear of the model's blocks (names look like "
+                f"{example!r})"
+            )
+
+
+def compress(
+    lm: LoadedModel,
+    recipe: Recipe,
+    calib: TokenWindows | None = None,
+    *,
+    batch_size: int = 8,
+    inplace: bool = False,
+) -> CompressionResult:
+    """Compress ``lm`` with ``recipe``; the original is left untouched unless ``inplace``."""
+    start = time.perf_counter()
+    model = lm.model if inplace else copy.deepcopy(lm.model)
+    model.eval()
+    _validate_targets(lm, model, recipe)
+    needs_calib = recipe.needs_calibration
+    if needs_calib and calib is None:
+        names = [s.name for s in recipe.stages if s.needs]
+        raise CalibrationError(f"methods {names} need calibration data: pass calib=tp.data.calibration(...)")
+
+    calls: list[BlockCall] = []
+    timings: dict[str, float] = {}
+    if needs_calib:
+        t = time.perf_counter()
+        calls = capture_block_inputs(lm, model, calib, batch_size)
+        timings["capture_seconds"] = time.perf_counter() - t
+
+    prefix = lm.adapter.blocks_path(model)
+    blocks = lm.adapter.blocks(model)
+    layers: dict[str, LayerReport] = {}
+    for i, block in enumerate(track(blocks, f"compressing {len(blocks)} blocks")):
+        originals: dict[str, torch.Tensor] = {}
+        for stage in recipe.stages:
+            rels = [r for r in lm.adapter.block_linears() if is_linear(block.get_submodule(r)) and stage.selects(f"{prefix}.{i}.{r}")]
+            if not rels:
+                continue
+            stats: dict[str, dict[str, Any]] = {}
+            if stage.needs:
+                with StatsHooks({r: block.get_submodule(r) for r in rels}, stage.needs) as hooks:
+                    run_block(block, calls)
+                stats = {r: s.as_dict() for r, s in hooks.stats.items()}
+            for rel in rels:
+                _apply_stage(block, rel, f"{prefix}.{i}.{rel}", stage, stats.pop(rel, {}), originals, layers)
+        if needs_calib and i + 1 < len(blocks):
+            calls = run_block(block, calls)
+    timings["total_seconds"] = time.perf_counter() - start
+
+    info = dict(lm.info, base_model=lm.info.get("base_model", lm.spec), recipe=recipe.name)
+    compressed = LoadedModel(model, lm.tokenizer, lm.adapter, lm.spec, info)
+    return CompressionResult(compressed, recipe, layers, timings, calib.describe() if needs_calib else "")
+
+
+def _apply_stage(
+    block: nn.Module,
+    rel: str,
+    full: str,
+    stage: MethodConfig,
+    stats: dict[str, Any],
+    originals: dict[str, torch.Tensor],
+    layers: dict[str, LayerReport],
+) -> None:
+    t = time.perf_counter()
+    module = block.get_submodule(rel)
+    weight = weight_of(module)
+    _check_finite(full, weight)
+    original = originals.setdefault(rel, weight)
+    current_parts = list(module.parts) if isinstance(module, CompressedLinear) else None
+    parts = stage.apply(LayerInput(full, weight, original, current_parts, stats))
+    new = CompressedLinear(parts, bias_of(module)).to(weight.device)
+    block.set_submodule(rel, new)
+    seconds = time.perf_counter() - t + (layers[full].seconds if full in layers else 0.0)
+    layers[full] = LayerReport(full, tuple(weight.shape), [p.describe() for p in parts], new.weight_nbits(), seconds)

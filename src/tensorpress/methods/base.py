@@ -1,0 +1,108 @@
+"""Method configs and the registry that recipes resolve method names through.
+
+A method is a pydantic config (its settings, validated, with defaults declared once) whose
+``apply`` turns one linear's weight and calibration statistics into parts. Methods see no
+architecture: the engine hands them a ``LayerInput`` and replaces the linear with the parts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from tensorpress.parts.base import Part
+
+# Statistics a method may declare in ``needs`` (the engine collects only what is declared):
+#   "xtx"      sum over calibration tokens of x x^T, float64 (in, in)
+#   "act_sq"   sum over calibration tokens of x**2 per input channel, float64 (in,)
+#   "tokens"   number of calibration tokens seen (int)
+KNOWN_STATS = frozenset({"xtx", "act_sq"})
+
+DEFAULT_IGNORE = ["lm_head", "re:.*embed.*"]
+
+
+@dataclass
+class LayerInput:
+    """What a method sees of one linear."""
+
+    name: str  # full module name, e.g. "model.layers.3.mlp.down_proj"
+    weight: torch.Tensor  # the current effective weight, float32 (out, in)
+    original: torch.Tensor  # the weight before any stage of the recipe, float32 (out, in)
+    parts: list[Part] | None  # the parts an earlier stage produced, None while still dense
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """Whether a module name matches any pattern.
+
+    ``re:<regex>`` is matched against the whole name (``re.fullmatch``); any other pattern is a
+    glob matched against the whole name or any dotted suffix of it, so ``down_proj``,
+    ``mlp.*`` and ``model.layers.*.mlp.down_proj`` all match ``model.layers.3.mlp.down_proj``.
+    """
+    pieces = name.split(".")
+    suffixes = [".".join(pieces[i:]) for i in range(len(pieces))]
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], name):
+                return True
+        elif any(fnmatch.fnmatchcase(s, pattern) for s in suffixes):
+            return True
+    return False
+
+
+class MethodConfig(BaseModel):
+    """Settings shared by every method; subclasses add theirs and implement ``apply``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    method: str
+    targets: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="module-name patterns to compress (glob, or 're:' regex); default all "
+        "linears of the transformer blocks",
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IGNORE),
+        description="module-name patterns never touched (default: lm_head and embeddings)",
+    )
+    seed: int = Field(0, description="seed of any randomness in the method")
+
+    def selects(self, name: str) -> bool:
+        return matches(name, self.targets) and not matches(name, self.ignore)
+
+    def apply(self, layer: LayerInput) -> list[Part]:
+        """The new list of parts for this linear."""
+        raise NotImplementedError
+
+    @classmethod
+    def settings(cls) -> list[tuple[str, str, str]]:
+        """``(name, default, description)`` of every setting, for ``tensorpress methods``."""
+        rows = []
+        for fname, info in cls.model_fields.items():
+            if fname == "method":
+                continue
+            default = info.get_default(call_default_factory=True)
+            rows.append((fname, repr(default), info.description or ""))
+        return rows
+
+
+METHODS: dict[str, type[MethodConfig]] = {}
+
+
+def register_method(cls: type[MethodConfig]) -> type[MethodConfig]:
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"method name {cls.name!r} is empty or registered twice")
+    unknown = cls.needs - KNOWN_STATS
+    if unknown:
+        raise ValueError(f"method {cls.name!r} needs unknown statistics {sorted(unknown)}")
+    METHODS[cls.name] = cls
+    return cls

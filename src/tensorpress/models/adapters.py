@@ -1,0 +1,150 @@
+"""Per-architecture knowledge, as data.
+
+An ``Adapter`` says where a family keeps its blocks, which linears a block holds (in execution
+order, grouped by the input they share: q/k/v read the same activations), the final norm, and
+whether the model is causal. Embeddings and the head are found through the standard
+``get_input_embeddings`` / ``get_output_embeddings`` of ``transformers``. Methods never see an
+adapter: the engine uses it to hand them linears and statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from tensorpress.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    model_types: tuple[str, ...]
+    # Dotted paths, tried in order, relative to the loaded model (a task head such as
+    # ``LlamaForCausalLM`` or a bare base model such as ``BertModel``).
+    base_paths: tuple[str, ...]  # the module that runs embeddings + blocks (+ final norm)
+    blocks_paths: tuple[str, ...]  # the ModuleList of blocks
+    final_norm_paths: tuple[str, ...]
+    # Linears of one block, relative to the block, in execution order; an inner tuple is a
+    # group of linears that read the same input.
+    linear_groups: tuple[tuple[str, ...], ...]
+    causal: bool = True
+
+    def _resolve(self, model: nn.Module, paths: tuple[str, ...], what: str) -> tuple[str, nn.Module]:
+        for path in paths:
+            try:
+                return path, model.get_submodule(path) if path else model
+            except AttributeError:
+                continue
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has none of the {what} paths {list(paths)} that the "
+            f"{self.family!r} adapter expects"
+        )
+
+    def base(self, model: nn.Module) -> nn.Module:
+        return self._resolve(model, self.base_paths, "base model")[1]
+
+    def blocks_path(self, model: nn.Module) -> str:
+        return self._resolve(model, self.blocks_paths, "block list")[0]
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        blocks = self._resolve(model, self.blocks_paths, "block list")[1]
+        assert isinstance(blocks, nn.ModuleList)
+        return blocks
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return self._resolve(model, self.final_norm_paths, "final norm")[1]
+
+    def block_linears(self) -> list[str]:
+        """Names of a block's linears relative to the block, in execution order."""
+        return [name for group in self.linear_groups for name in group]
+
+    def group_of(self, relative_name: str) -> int:
+        for i, group in enumerate(self.linear_groups):
+            if relative_name in group:
+                return i
+        raise KeyError(relative_name)
+
+
+_LLAMA_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter(
+        family="llama",
+        model_types=("llama", "mistral", "qwen2", "qwen3", "smollm3"),
+        base_paths=("model",),
+        blocks_paths=("model.layers",),
+        final_norm_paths=("model.norm",),
+        linear_groups=_LLAMA_GROUPS,
+    ),
+    Adapter(
+        family="gpt2",
+        model_types=("gpt2",),
+        base_paths=("transformer", ""),
+        blocks_paths=("transformer.h", "h"),
+        final_norm_paths=("transformer.ln_f", "ln_f"),
+        # c_attn computes q, k and v in one matmul; c_proj of attn reads the attention output.
+        linear_groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    ),
+    Adapter(
+        family="opt",
+        model_types=("opt",),
+        base_paths=("model", ""),
+        blocks_paths=("model.decoder.layers", "decoder.layers"),
+        final_norm_paths=("model.decoder.final_layer_norm", "decoder.final_layer_norm"),
+        linear_groups=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+    ),
+    Adapter(
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        base_paths=("gpt_neox", ""),
+        blocks_paths=("gpt_neox.layers", "layers"),
+        final_norm_paths=("gpt_neox.final_layer_norm", "final_layer_norm"),
+        linear_groups=(
+            ("attention.query_key_value",),
+            ("attention.dense",),
+            ("mlp.dense_h_to_4h",),
+            ("mlp.dense_4h_to_h",),
+        ),
+    ),
+    Adapter(
+        family="bert",
+        model_types=("bert",),
+        base_paths=("bert", ""),
+        blocks_paths=("bert.encoder.layer", "encoder.layer"),
+        # BERT normalises after each block; its last norm is inside the last block.
+        final_norm_paths=("bert.embeddings.LayerNorm", "embeddings.LayerNorm"),
+        linear_groups=(
+            ("attention.self.query", "attention.self.key", "attention.self.value"),
+            ("attention.output.dense",),
+            ("intermediate.dense",),
+            ("output.dense",),
+        ),
+        causal=False,
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def adapter_for(model_type: str) -> Adapter:
+    """The adapter for a ``config.model_type``; an error listing what is supported otherwise."""
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    raise UnsupportedArchitectureError(
+        f"architecture {model_type!r} is not supported; supported model types: "
+        f"{', '.join(supported_model_types())}"
+    )

@@ -1,0 +1,18 @@
+"""Part types, ``CompressedLinear``, bit packing and size accounting."""
+
+from tensorpress.parts.base import PART_TYPES, Part, part_from_state, register_part
+from tensorpress.parts.dense import DensePart
+from tensorpress.parts.linear import CompressedLinear
+from tensorpress.parts.quantized import QuantizedPart
+from tensorpress.parts.quant_math import QuantGrid
+
+__all__ = [
+    "PART_TYPES",
+    "CompressedLinear",
+    "DensePart",
+    "Part",
+    "QuantGrid",
+    "QuantizedPart",
+    "part_from_state",
+    "register_part",
+]

@@ -1,0 +1,56 @@
+"""``CompressedLinear``: a linear layer whose weight is a sum of parts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tensorpress.parts.base import Part, dtype_bits
+
+
+class CompressedLinear(nn.Module):
+    """``y = sum(part(x) for part in parts) + bias``, a drop-in for ``nn.Linear``."""
+
+    def __init__(self, parts: list[Part], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not parts:
+            raise ValueError("a CompressedLinear needs at least one part")
+        shapes = {p.shape for p in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"parts disagree on the weight shape: {sorted(shapes)}")
+        self.out_features, self.in_features = parts[0].shape
+        self.parts = nn.ModuleList(parts)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective dense weight (float32), for code that inspects ``.weight``."""
+        return self.dense()
+
+    def dense(self) -> torch.Tensor:
+        total = self.parts[0].dense()
+        for part in self.parts[1:]:
+            total = total + part.dense()
+        return total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.parts[0](x)
+        for part in self.parts[1:]:
+            y = y + part(x)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def weight_nbits(self) -> int:
+        """Storage of the weight's parts, in bits."""
+        return sum(p.nbits() for p in self.parts)
+
+    def bias_nbits(self) -> int:
+        return 0 if self.bias is None else self.bias.numel() * dtype_bits(self.bias.dtype)
+
+    def extra_repr(self) -> str:
+        kinds = " + ".join(p.describe() for p in self.parts)
+        return f"in_features={self.in_features}, out_features={self.out_features}, parts=[{kinds}]"

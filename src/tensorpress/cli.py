@@ -1,0 +1,237 @@
+"""The ``tensorpress`` command: a thin typed layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+import tensorpress as tp
+from tensorpress.data import DEFAULT_TEXT
+from tensorpress.errors import OutputExistsError, TensorpressError
+from tensorpress.io import read_manifest
+
+app = typer.Typer(
+    name="tensorpress",
+    help="Compress transformer models and measure the result: quality, exact size, time.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ModelArg = Annotated[str, typer.Argument(help="built-in name (smollm2-135m, minilm-l6), HF directory, .gguf file or hub id")]
+DataOpt = Annotated[Path, typer.Option("--data", help="evaluation text (UTF-8); its last 40 % is used (protocol P1)")]
+WindowsOpt = Annotated[int, typer.Option("--windows", min=1, help="evaluation windows")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="tokens per window")]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="also write the report as JSON here")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"tensorpress {tp.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks and debug logs")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _write_json(path: Optional[Path], payload: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        err.print(f"wrote {path}")
+
+
+@app.command()
+def compress(
+    model: ModelArg = "smollm2-135m",
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="built-in recipe name or YAML path")] = "rtn-w4g128",
+    output: Annotated[Optional[Path], typer.Option("--out", "-o", help="checkpoint directory [default: out/MODEL-RECIPE]")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
+    calib: Annotated[str, typer.Option("--calib", help="'generated', a text file, or hf:<dataset>[:<config>]:<split>")] = "generated",
+    samples: Annotated[int, typer.Option("--samples", min=1, help="calibration windows")] = 128,
+    calib_seq_len: Annotated[int, typer.Option("--calib-seq-len", min=2, help="tokens per calibration window")] = 512,
+    seed: Annotated[int, typer.Option("--seed", help="calibration seed")] = 0,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate against the original model")] = True,
+    data: DataOpt = DEFAULT_TEXT,
+    windows: WindowsOpt = 40,
+    seq_len: SeqLenOpt = 512,
+    json_path: JsonOpt = None,
+) -> None:
+    """Compress MODEL with a recipe, save the checkpoint, reload it and evaluate it.
+
+    Example: tensorpress compress smollm2-135m -r rtn-w4g128 -o out/w4
+    """
+    rec = tp.recipes.resolve(recipe)
+    output = output or Path("out") / f"{Path(model).stem}-{rec.name}"
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
+    if evaluate and not data.is_file():
+        raise tp.errors.CalibrationError(f"evaluation text not found: {data}; pass --data PATH or --no-eval")
+    err.print(f"loading {model} ...")
+    lm = tp.load_model(model)
+    windows_calib = None
+    if rec.needs_calibration:
+        windows_calib = tp.data.calibration(lm, source=calib, samples=samples, seq_len=calib_seq_len, seed=seed)
+    result = tp.compress(lm, rec, windows_calib)
+    err.print(f"compressed {len(result.layers)} linears in {result.timings['total_seconds']:.1f} s "
+              f"({result.bits_per_weight:.3f} bits/weight)")
+    result.save(output, overwrite=overwrite)
+    reloaded = tp.load_compressed(output)
+    from tensorpress.eval.quality import max_output_difference
+
+    probe = tp.data.TokenWindows(torch_ids(lm), "probe")
+    diff = max_output_difference(result.model.model, reloaded.model, probe.input_ids)
+    verdict = "identical" if diff == 0.0 else f"differ by up to {diff:.3g}"
+    err.print(f"saved {output}; reloaded: outputs {verdict} to the in-memory compressed model")
+    payload = {"checkpoint": str(output), "compression": result.to_dict(), "reload_max_diff": diff}
+    if evaluate:
+        report = tp.evaluate(reloaded, reference=lm, data=data, seq_len=seq_len, windows=windows)
+        report.compression_seconds = result.timings["total_seconds"]
+        from tensorpress.report import report_table
+
+        out.print(report_table(report, title=f"{model} · {rec.name} → {output}"))
+        payload["evaluation"] = report.to_dict()
+    _write_json(json_path, payload)
+
+
+def torch_ids(lm) -> "object":
+    """A short fixed token sequence for the reload check (the tokenizer's own encoding)."""
+    import torch
+
+    ids = lm.tokenizer("tensorpress checks that a checkpoint reloads bit-exactly.", add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def _load_any(spec: str):
+    path = Path(spec)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return tp.load_compressed(path)
+    return tp.load_model(spec)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="a tensorpress checkpoint directory, or any model spec")],
+    reference: Annotated[Optional[str], typer.Option("--reference", help="model to compare with [default: a checkpoint's base model]")] = None,
+    no_reference: Annotated[bool, typer.Option("--no-reference", help="perplexity only")] = False,
+    data: DataOpt = DEFAULT_TEXT,
+    windows: WindowsOpt = 40,
+    seq_len: SeqLenOpt = 512,
+    json_path: JsonOpt = None,
+) -> None:
+    """Evaluate a model or checkpoint: perplexity, KL and top-1 agreement, bits per weight.
+
+    Example: tensorpress eval out/w4 --windows 40
+    """
+    lm = _load_any(model)
+    ref = None
+    if not no_reference:
+        spec = reference or lm.info.get("base_model")
+        if spec and spec != lm.spec:
+            err.print(f"reference: {spec}")
+            ref = _load_any(spec)
+    report = tp.evaluate(lm, reference=ref, data=data, seq_len=seq_len, windows=windows)
+    from tensorpress.report import report_table
+
+    out.print(report_table(report, title=f"{model}"))
+    _write_json(json_path, report.to_dict())
+
+
+@app.command()
+def inspect(checkpoint: Annotated[Path, typer.Argument(help="a tensorpress checkpoint directory")]) -> None:
+    """Show a checkpoint's recipe, per-layer parts and bits, and files."""
+    from tensorpress.report import layers_table
+
+    manifest = read_manifest(checkpoint)
+    out.print(f"[bold]{checkpoint}[/]  base model: {manifest.get('base_model')}  "
+              f"({manifest['model_type']}, {manifest['model_class']}, format v{manifest['format_version']}, "
+              f"tensorpress {manifest['tensorpress_version']})")
+    if manifest.get("recipe"):
+        out.print(Text(f"recipe {manifest['recipe']['name']}: " + json.dumps(manifest["recipe"]["stages"])))
+    out.print(layers_table(manifest))
+    total = sum(e["weight_bits"] for e in manifest["layers"].values())
+    numel = sum(e["shape"][0] * e["shape"][1] for e in manifest["layers"].values())
+    if numel:
+        out.print(f"compressed linears: {numel:,} weights in {total / 8e6:.2f} MB = {total / numel:.3f} bits/weight")
+    files = Table(title="files", header_style="bold")
+    files.add_column("file")
+    files.add_column("bytes", justify="right")
+    files.add_column("sha256")
+    for name, entry in manifest["files"].items():
+        files.add_row(name, f"{entry['bytes']:,}", entry["sha256"][:16] + "…")
+    out.print(files)
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes."""
+    table = Table(title="built-in recipes", header_style="bold")
+    table.add_column("name")
+    table.add_column("stages")
+    table.add_column("description")
+    for name in tp.recipes.builtin_names():
+        rec = tp.recipes.get(name)
+        stages = "; ".join(
+            s.name + " " + ", ".join(f"{k}={v}" for k, v in s.model_dump(exclude={"method", "targets", "ignore", "seed"}).items())
+            for s in rec.stages
+        )
+        table.add_row(name, stages, rec.description)
+    out.print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the methods with their settings and defaults."""
+    from tensorpress.methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        needs = ", ".join(sorted(cls.needs)) or "nothing (no calibration)"
+        table = Table(title=f"{name}: {cls.summary} — needs {needs}", header_style="bold", title_justify="left")
+        table.add_column("setting")
+        table.add_column("default")
+        table.add_column("meaning")
+        for setting, default, description in cls.settings():
+            table.add_row(setting, default, description)
+        out.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit 2; ``--debug`` shows the traceback."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        code = app(args=args, standalone_mode=False, prog_name="tensorpress")
+    except TensorpressError as exc:
+        if "--debug" in args:
+            traceback.print_exc()
+        err.print(Text(f"error: {exc}", style="red"), soft_wrap=True)
+        raise SystemExit(2) from None
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Abort:
+        err.print("aborted")
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+import random
+
+import pytest
+import torch
+
+import tensorpress as tp
+from conftest import tiny_model
+from tensorpress.data import calibration_windows, evaluation_windows
+from tensorpress.errors import CalibrationError
+
+
+def test_calibration_windows_follow_p1():
+    tokens = torch.arange(10_000)
+    win = calibration_windows(tokens, samples=16, seq_len=64, seed=0, source="t")
+    assert win.input_ids.shape == (16, 64)
+    rng = random.Random(0)
+    starts = [rng.randint(0, 6000 - 64 - 1) for _ in range(16)]
+    assert win.input_ids[:, 0].tolist() == starts  # drawn with random.Random(seed)
+    assert int(win.input_ids.max()) < 6000  # only from the first 60 %
+    assert torch.equal(win.input_ids, calibration_windows(tokens, 16, 64, 0, "t").input_ids)
+    assert not torch.equal(win.input_ids, calibration_windows(tokens, 16, 64, 1, "t").input_ids)
+
+
+def test_evaluation_windows_are_consecutive_from_the_last_40_percent():
+    tokens = torch.arange(10_000)
+    win = evaluation_windows(tokens, seq_len=100, max_windows=5, source="t")
+    assert win.input_ids.shape == (5, 100)
+    assert win.input_ids[0, 0].item() == 6000
+    assert torch.equal(win.input_ids.reshape(-1), torch.arange(6000, 6500))
+    assert evaluation_windows(tokens, 100, None, "t").samples == 40
+
+
+def test_text_file_calibration_and_too_short_text(tmp_path, text_path):
+    lm = tiny_model("llama")
+    win = tp.data.calibration(lm, source=text_path, samples=4, seq_len=32, seed=0)
+    assert win.input_ids.shape == (4, 32) and win.source == str(text_path)
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    with pytest.raises(CalibrationError, match=r"found \d+ tokens, of which the first 60% \(\d+\) .* window of 32"):
+        tp.data.calibration(lm, source=short, samples=4, seq_len=32)
+    with pytest.raises(CalibrationError, match=r"found \d+ tokens, of which the last 40%"):
+        tp.data.evaluation(lm, short, seq_len=32)
+
+
+def test_empty_missing_and_undecodable_text(tmp_path):
+    lm = tiny_model("llama")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(CalibrationError, match="is empty"):
+        tp.data.calibration(lm, source=empty)
+    with pytest.raises(CalibrationError, match="text file not found"):
+        tp.data.calibration(lm, source=tmp_path / "nope.txt")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(CalibrationError, match="not valid utf-8"):
+        tp.data.calibration(lm, source=latin)
+    with pytest.raises(CalibrationError, match="samples >= 1"):
+        tp.data.calibration(lm, samples=0)
+
+
+def test_generated_calibration_is_seeded_and_leaves_global_rng_alone():
+    lm = tiny_model("llama")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = tp.data.calibration(lm, "generated", samples=3, seq_len=16, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = tp.data.calibration(lm, "generated", samples=3, seq_len=16, seed=7)
+    c = tp.data.calibration(lm, "generated", samples=3, seq_len=16, seed=8)
+    assert a.input_ids.shape == (3, 16)
+    assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
+    assert (a.input_ids[:, 0] == lm.tokenizer.bos_token_id).all()
+
+
+def test_generated_calibration_needs_a_causal_model():
+    with pytest.raises(CalibrationError, match="needs a causal language model"):
+        tp.data.calibration(tiny_model("bert"), "generated", samples=2, seq_len=8)
+
+
+def test_hf_dataset_spec_is_validated():
+    with pytest.raises(CalibrationError, match="expected 'hf:<dataset>"):
+        tp.data.hf_dataset("hf:onlyname")

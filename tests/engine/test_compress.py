@@ -1,0 +1,127 @@
+from typing import ClassVar, Literal
+
+import pytest
+import torch
+
+import tensorpress as tp
+from conftest import ALL_ARCHS, CAUSAL_ARCHS, tiny_model
+from tensorpress.engine.linears import weight_of
+from tensorpress.errors import CalibrationError, InvalidWeightError, RecipeError
+from tensorpress.methods import LayerInput, MethodConfig, register_method
+from tensorpress.parts import CompressedLinear, DensePart
+
+
+@register_method
+class _RecordStats(MethodConfig):
+    """Test-only method: keeps the weight dense and records the statistics it was handed."""
+
+    name: ClassVar[str] = "test_record_stats"
+    needs: ClassVar[frozenset[str]] = frozenset({"xtx", "act_sq"})
+    seen: ClassVar[dict] = {}
+    method: Literal["test_record_stats"] = "test_record_stats"
+
+    def apply(self, layer: LayerInput):
+        _RecordStats.seen[layer.name] = layer.stats
+        return [DensePart(layer.weight)]
+
+
+def _out(lm, ids):
+    o = lm.model(input_ids=ids)
+    return o.logits if lm.causal else o.last_hidden_state
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_rtn_compresses_every_block_linear_of_every_architecture(arch):
+    lm = tiny_model(arch)
+    ids = torch.randint(3, 300, (2, 24))
+    before = _out(lm, ids)
+    original_weights = {n: p.clone() for n, p in lm.model.named_parameters()}
+    result = tp.compress(lm, tp.Recipe(stages=[{"method": "rtn", "bits": 8, "group_size": 32}]))
+    # the original is untouched
+    assert all(torch.equal(p, original_weights[n]) for n, p in lm.model.named_parameters())
+    compressed = [n for n, m in result.model.model.named_modules() if isinstance(m, CompressedLinear)]
+    n_blocks = lm.model.config.num_hidden_layers
+    assert len(compressed) == len(result.layers) == n_blocks * len(lm.adapter.block_linears())
+    assert not any("embed" in n or "lm_head" in n for n in compressed)
+    after = _out(result.model, ids)
+    rel = ((after - before).norm() / before.norm()).item()
+    assert rel < 0.02, rel  # 8-bit, groups of 32: outputs barely move
+    assert result.bits_per_weight == 8 + (16 + 8) / 32  # codes + a float16 scale and an 8-bit zero per 32
+
+
+def test_fewer_bits_cost_more_quality_and_targets_select_layers():
+    lm = tiny_model("llama")
+    ids = torch.randint(3, 300, (2, 24))
+    ref = _out(lm, ids)
+    errs = []
+    for bits in (8, 4, 2):
+        res = tp.compress(lm, tp.Recipe(stages=[{"method": "rtn", "bits": bits, "group_size": 16}]))
+        errs.append((_out(res.model, ids) - ref).norm().item())
+    assert errs[0] < errs[1] < errs[2]
+    only_mlp = tp.compress(lm, tp.Recipe(stages=[{"method": "rtn", "targets": ["re:.*mlp\\..*"], "ignore": ["down_proj"]}]))
+    assert sorted({n.split(".", 3)[3] for n in only_mlp.layers}) == ["mlp.gate_proj", "mlp.up_proj"]
+
+
+def test_stats_are_those_of_the_sequentially_compressed_model():
+    """Block i's statistics come from block i's real inputs (the model's own hidden states)."""
+    lm = tiny_model("llama")
+    calib = tp.data.TokenWindows(torch.randint(3, 300, (3, 16)), "random")
+    _RecordStats.seen.clear()
+    tp.compress(lm, tp.Recipe(stages=[{"method": "test_record_stats"}]), calib, batch_size=2)
+    # direct capture of q_proj inputs in the uncompressed model
+    captured = {}
+    hooks = [
+        lm.model.get_submodule(f"model.layers.{i}.self_attn.q_proj").register_forward_hook(
+            lambda m, a, o, i=i: captured.setdefault(i, []).append(a[0].reshape(-1, a[0].shape[-1]).double()))
+        for i in range(2)
+    ]
+    with torch.no_grad():
+        lm.model(input_ids=calib.input_ids)
+    for h in hooks:
+        h.remove()
+    for i in range(2):
+        x = torch.cat(captured[i])
+        stats = _RecordStats.seen[f"model.layers.{i}.self_attn.q_proj"]
+        assert stats["tokens"] == 48
+        torch.testing.assert_close(stats["xtx"], x.T @ x, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(stats["act_sq"], x.square().sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_methods_that_need_statistics_require_calibration():
+    with pytest.raises(CalibrationError, match="need calibration data"):
+        tp.compress(tiny_model("llama"), tp.Recipe(stages=[{"method": "test_record_stats"}]))
+
+
+def test_nan_or_inf_weight_is_refused_by_name():
+    lm = tiny_model("llama")
+    with torch.no_grad():
+        lm.model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+        lm.model.model.layers[1].mlp.up_proj.weight[1, 0] = float("inf")
+    with pytest.raises(InvalidWeightError, match=r"model.layers.1.mlp.up_proj: the weight has 2 NaN/Inf"):
+        tp.compress(lm, tp.recipes.get("rtn-w4g128"))
+
+
+def test_targets_that_match_nothing_are_an_error():
+    with pytest.raises(RecipeError, match=r"stage 1 \(rtn\): targets \['nothing_here'\].*match no linear.*model.layers.0.self_attn.q_proj"):
+        tp.compress(tiny_model("llama"), tp.Recipe(stages=[{"method": "rtn", "targets": ["nothing_here"]}]))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_two_stages_compose_and_conv1d_is_handled(arch):
+    lm = tiny_model(arch)
+    recipe = tp.Recipe(stages=[{"method": "rtn", "bits": 8, "group_size": None}, {"method": "rtn", "bits": 4}])
+    res = tp.compress(lm, recipe)
+    name, report = next(iter(res.layers.items()))
+    module = res.model.model.get_submodule(name)
+    assert report.parts == ["int4 g128 asym"] and module.weight.shape == weight_of(lm.model.get_submodule(name)).shape
+
+
+def test_calibrated_compression_runs_on_every_causal_architecture():
+    for arch in CAUSAL_ARCHS:
+        lm = tiny_model(arch)
+        calib = tp.data.TokenWindows(torch.randint(3, 300, (2, 16)), "random")
+        _RecordStats.seen.clear()
+        res = tp.compress(lm, tp.Recipe(stages=[{"method": "test_record_stats"}]), calib)
+        assert len(_RecordStats.seen) == len(res.layers), arch
+        ids = torch.randint(3, 300, (1, 16))
+        torch.testing.assert_close(_out(res.model, ids), _out(lm, ids), rtol=1e-4, atol=1e-4)

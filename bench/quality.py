@@ -23,6 +23,7 @@ from rich.table import Table
 
 import tensorpress as tp
 from tensorpress.errors import TensorpressError
+from tensorpress.models import BUILTIN_MODELS
 from tensorpress.progress import progress_bars
 
 HERE = Path(__file__).resolve().parent
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = shlex.join([sys.executable, *sys.argv])
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    load_at_start = [round(x, 2) for x in os.getloadavg()]  # timings are only as quiet as the machine
 
     lm = tp.load_model(args.model)
     seq_len = args.seq_len or (512 if lm.causal else 128)
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = None
     protocol = {
         "name": "P1", "data": str(data), "tokenizer": f"{args.model} (the model's own)",
+        "model": BUILTIN_MODELS[args.model].description if args.model in BUILTIN_MODELS else args.model,
         "eval_windows": windows.samples, "seq_len": seq_len, "eval_split": windows.note,
         "calibration": {"samples": args.samples, "seq_len": seq_len, "seed": args.seed,
                         "split": "random windows from the first 60 %", "used_by": []},
@@ -131,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     machine = {"processor": platform.processor() or platform.machine(), "machine": platform.machine(),
                "platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "tensorpress": tp.__version__}
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "tensorpress": tp.__version__,
+               "load_avg_at_start": load_at_start}
     calib_used = protocol["calibration"]["used_by"]
     calib_text = (f"{args.samples} x {seq_len} tokens, random.Random({args.seed}), first 60 % (for {', '.join(calib_used)})"
                   if calib_used else "none (no recipe here needs calibration)")
 
+    console.print(f"[bold]model[/]: {protocol['model']} (baseline row: as loaded, fp32)")
     console.print(f"[bold]Protocol P1[/]: {data}\n  evaluation: {windows.samples} consecutive windows x {seq_len} "
                   f"tokens from the last 40 %\n  calibration: {calib_text}\n  tokenizer: the model's own ({args.model})")
     if not lm.causal:
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{args.model}: P1, {windows.samples} windows x {seq_len} tokens, calibration seed {args.seed}"
     console.print(build_table(rows, lm.causal, title))
     console.print(f"command: {command}\nmachine: {machine['processor']}, {machine['cpu_count']} CPUs, "
-                  f"torch {machine['torch']} ({machine['torch_threads']} threads), {machine['platform']}\n"
+                  f"torch {machine['torch']} ({machine['torch_threads']} threads), {machine['platform']}, "
+                  f"load average at start {' / '.join(map(str, load_at_start))}\n"
                   f"date: {started}\npeak RSS: {peak_rss_mib:.0f} MiB")
 
     slug = Path(args.model).name.replace("/", "_")

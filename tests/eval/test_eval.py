@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -28,6 +29,9 @@ def test_model_against_itself_has_zero_kl_and_full_agreement(text_path):
     assert report.perplexity == pytest.approx(report.reference_perplexity)
     assert (report.windows, report.seq_len, report.tokens) == (3, 32, 3 * 31)
     assert report.bits_per_weight_model == 32.0
+    # nothing is compressed: no bits/weight of linears, written as null so the JSON stays strict
+    assert math.isnan(report.bits_per_weight_linears)
+    assert json.loads(report.to_json())["bits_per_weight_linears"] is None and "NaN" not in report.to_json()
 
 
 def test_compression_shows_up_in_kl_agreement_and_size(text_path):

@@ -38,7 +38,8 @@ class TextSource:
         """All tokens of the text (1-D int64), without special tokens; cached per tokenizer."""
         key = id(tokenizer)
         if key not in self._cache:
-            ids = tokenizer(self.text, add_special_tokens=False)["input_ids"]
+            # verbose=False: a whole file is longer than model_max_length on purpose (it is cut into windows)
+            ids = tokenizer(self.text, add_special_tokens=False, verbose=False)["input_ids"]
             self._cache[key] = torch.tensor(ids, dtype=torch.long)
         return self._cache[key]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +40,9 @@ class EvalReport:
     eval_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Fields as a dict; NaN (e.g. bits/weight of linears when none is compressed) -> None,
+        so the JSON is valid for strict parsers."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)

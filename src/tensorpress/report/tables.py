@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.table import Table
@@ -10,7 +11,7 @@ from tensorpress.eval import EvalReport
 
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
         return format(value, spec)

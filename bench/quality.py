@@ -29,6 +29,19 @@ from tensorpress.progress import progress_bars
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent / "../shared/data/wikitext2-valid.txt"
 DEFAULT_METHODS = {True: "rtn-w4g128,rtn-w3g128,rtn-w8", False: "rtn-w8,rtn-w4g128"}  # by lm.causal
+# Figures that the issues quote for smollm2-135m under P1 (40 x 512), measured on this kind of
+# machine by independent code: printed beside ours for comparison, never used as ours.
+REPORTED = {
+    "smollm2-135m": {
+        "uncompressed": "30.14 (independent P1 code)",
+        "rtn-w4g128": "38.13 (independent P1 code)",
+        "rtn-w3g128": "134.96 (independent P1 code)",
+        "rtn-w2g64": "756 364 (independent P1 code)",
+        "gptq-w4g128": "34.26 (IST-DASLab gptq, 428 s)",
+        "gptq-w3g128": "61.42 (IST-DASLab gptq, 437 s); 57.01 (GPTQModel 7.7, 512 s)",
+        "gptq-w2g64": "8 501 (IST-DASLab gptq, 399 s)",
+    }
+}
 console = Console(width=None if sys.stdout.isatty() else 140)  # files/pipes: do not wrap at 80
 
 
@@ -70,11 +83,13 @@ def make_row(name: str, recipe, report, seed) -> dict:
     return row
 
 
-def build_table(rows: list[dict], causal: bool, title: str) -> Table:
+def build_table(rows: list[dict], causal: bool, title: str, reported: dict[str, str]) -> Table:
     table = Table(title=title, header_style="bold")
     cols = ["method"] + (["perplexity", "Δ ppl", "KL (nats/tok)", "top-1 agree"] if causal
                          else ["cosine sim", "hidden MSE"])
     cols += ["bits/w linears", "bits/w model", "compress s", "eval s"]
+    if reported:
+        cols.append("reported ppl (issues)")
     for i, col in enumerate(cols):
         table.add_column(col, justify="left" if i == 0 else "right")
     for r in rows:
@@ -83,7 +98,7 @@ def build_table(rows: list[dict], causal: bool, title: str) -> Table:
                    else [fmt(r["cosine_similarity"], ".5f"), fmt(r["hidden_mse"], ".3e")])
         table.add_row(r["method"], *quality, fmt(r["bits_per_weight_linears"], ".3f"),
                       fmt(r["bits_per_weight_model"], ".3f"), fmt(r["compression_seconds"], ".1f"),
-                      fmt(r["eval_seconds"], ".1f"))
+                      fmt(r["eval_seconds"], ".1f"), *([reported.get(r["method"], "-")] if reported else []))
     return table
 
 
@@ -146,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if not lm.causal:
         console.print(f"  encoder: {protocol['encoder_note']}")
     title = f"{args.model}: P1, {windows.samples} windows x {seq_len} tokens, calibration seed {args.seed}"
-    console.print(build_table(rows, lm.causal, title))
+    reported = REPORTED.get(args.model, {}) if windows.samples == 40 and seq_len == 512 else {}
+    console.print(build_table(rows, lm.causal, title, reported))
     console.print(f"command: {command}\nmachine: {machine['processor']}, {machine['cpu_count']} CPUs, "
                   f"torch {machine['torch']} ({machine['torch_threads']} threads), {machine['platform']}, "
                   f"load average at start {' / '.join(map(str, load_at_start))}\n"
@@ -155,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     slug = Path(args.model).name.replace("/", "_")
     out = args.out or HERE / "results" / f"quality-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"protocol": protocol, "command": command, "args": {k: str(v) if isinstance(v, Path) else v
+    payload = {"reported_in_issues": reported, "protocol": protocol, "command": command, "args": {k: str(v) if isinstance(v, Path) else v
                for k, v in vars(args).items()}, "machine": machine, "date": started, "rows": rows,
                "peak_rss_mib": round(peak_rss_mib, 1)}
     out.write_text(json.dumps(clean(payload), indent=1) + "\n", encoding="utf-8")

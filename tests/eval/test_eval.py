@@ -42,6 +42,9 @@ def test_compression_shows_up_in_kl_agreement_and_size(text_path):
     assert r2.top1_agreement <= r4.top1_agreement <= 1.0
     assert r2.bits_per_weight_linears < r4.bits_per_weight_linears < 4.5
     assert r4.bits_per_weight_model < 32.0 and r4.compression_seconds is not None
+    # the LoadedModel of a result carries its compression time too (the README's usage)
+    res = tp.compress(lm, tp.recipes.get("rtn-w8"))
+    assert tp.evaluate(res.model, data=text_path, seq_len=32, windows=1).compression_seconds == res.timings["total_seconds"]
 
 
 def test_size_counts_tied_weights_once_and_parts_exactly():

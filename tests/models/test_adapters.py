@@ -24,7 +24,11 @@ def test_adapter_finds_blocks_linears_norm_embeddings_and_head(arch):
             assert weight_of(module).shape[1] == in_features(module)
         # the first group reads the block's (normed) input: hidden-size wide
         assert all(in_features(block.get_submodule(r)) == hidden for r in adapter.linear_groups[0])
-    assert isinstance(adapter.final_norm(model), torch.nn.LayerNorm | type(adapter.final_norm(model)))
+    norm = adapter.final_norm(model)
+    if arch == "bert":
+        assert norm is None  # post-norm: each block ends with its own LayerNorm
+    else:
+        assert norm.weight.shape == (hidden,) and not is_linear(norm)
     assert model.get_input_embeddings().weight.shape[1] == hidden
     if lm.causal:
         assert model.get_output_embeddings().weight.shape[0] == model.config.vocab_size

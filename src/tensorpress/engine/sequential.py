@@ -10,10 +10,12 @@ activations. A recipe whose methods need no statistics skips calibration altoget
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -88,6 +90,15 @@ def run_block(block: nn.Module, calls: list[BlockCall]) -> list[BlockCall]:
     return outputs
 
 
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
 def _check_finite(name: str, weight: torch.Tensor) -> None:
     bad = (~torch.isfinite(weight)).sum().item()
     if bad:
@@ -97,21 +108,21 @@ def _check_finite(name: str, weight: torch.Tensor) -> None:
         )
 
 
-def _selected_linears(lm: LoadedModel, model: nn.Module, stage: MethodConfig) -> list[str]:
-    prefix = lm.adapter.blocks_path(model)
-    names = []
-    for i, block in enumerate(lm.adapter.blocks(model)):
-        for rel in lm.adapter.block_linears():
-            full = f"{prefix}.{i}.{rel}"
-            if is_linear(block.get_submodule(rel)) and stage.selects(full):
-                names.append(full)
-    return names
+def _stage_linears(lm: LoadedModel, block: nn.Module, block_name: str, stage: MethodConfig) -> list[str]:
+    """Names (relative to the block) of the block's linears that ``stage`` selects."""
+    return [
+        rel
+        for rel in lm.adapter.block_linears()
+        if is_linear(block.get_submodule(rel)) and stage.selects(f"{block_name}.{rel}")
+    ]
 
 
 def _validate_targets(lm: LoadedModel, model: nn.Module, recipe: Recipe) -> None:
-    example = f"{lm.adapter.blocks_path(model)}.0.{lm.adapter.block_linears()[0]}"
+    prefix = lm.adapter.blocks_path(model)
+    blocks = lm.adapter.blocks(model)
+    example = f"{prefix}.0.{lm.adapter.block_linears()[0]}"
     for i, stage in enumerate(recipe.stages):
-        if not _selected_linears(lm, model, stage):
+        if not any(_stage_linears(lm, b, f"{prefix}.{j}", stage) for j, b in enumerate(blocks)):
             raise RecipeError(
                 f"stage {i + 1} ({stage.name}): targets {stage.targets} minus ignore "
                 f"{stage.ignore} match no linear of the model's blocks (names look like "
@@ -140,9 +151,8 @@ def compress(
     calls: list[BlockCall] = []
     timings: dict[str, float] = {}
     if needs_calib:
-        t = time.perf_counter()
-        calls = capture_block_inputs(lm, model, calib, batch_size)
-        timings["capture_seconds"] = time.perf_counter() - t
+        with _timed(timings, "capture_seconds"):
+            calls = capture_block_inputs(lm, model, calib, batch_size)
 
     prefix = lm.adapter.blocks_path(model)
     blocks = lm.adapter.blocks(model)
@@ -150,21 +160,31 @@ def compress(
     for i, block in enumerate(track(blocks, f"compressing {len(blocks)} blocks")):
         originals: dict[str, torch.Tensor] = {}
         for stage in recipe.stages:
-            rels = [r for r in lm.adapter.block_linears() if is_linear(block.get_submodule(r)) and stage.selects(f"{prefix}.{i}.{r}")]
+            rels = _stage_linears(lm, block, f"{prefix}.{i}", stage)
             if not rels:
                 continue
             stats: dict[str, dict[str, Any]] = {}
             if stage.needs:
-                with StatsHooks({r: block.get_submodule(r) for r in rels}, stage.needs) as hooks:
+                shared = {r: lm.adapter.group_of(r) for r in rels}
+                with _timed(timings, "statistics_seconds"), StatsHooks(
+                    {r: block.get_submodule(r) for r in rels}, stage.needs, shared
+                ) as hooks:
                     run_block(block, calls)
                 stats = {r: s.as_dict() for r, s in hooks.stats.items()}
-            for rel in rels:
-                _apply_stage(block, rel, f"{prefix}.{i}.{rel}", stage, stats.pop(rel, {}), originals, layers)
+            with _timed(timings, "methods_seconds"):
+                for rel in rels:
+                    _apply_stage(block, rel, f"{prefix}.{i}.{rel}", stage, stats.pop(rel, {}), originals, layers)
         if needs_calib and i + 1 < len(blocks):
-            calls = run_block(block, calls)
+            with _timed(timings, "propagate_seconds"):
+                calls = run_block(block, calls)
     timings["total_seconds"] = time.perf_counter() - start
 
-    info = dict(lm.info, base_model=lm.info.get("base_model", lm.spec), recipe=recipe.name)
+    info = dict(
+        lm.info,
+        base_model=lm.info.get("base_model", lm.spec),
+        recipe=recipe.name,
+        compression_seconds=timings["total_seconds"],
+    )
     compressed = LoadedModel(model, lm.tokenizer, lm.adapter, lm.spec, info)
     return CompressionResult(compressed, recipe, layers, timings, calib.describe() if needs_calib else "")
 

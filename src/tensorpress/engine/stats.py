@@ -24,12 +24,14 @@ class InputStats:
         self.act_sq = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_sq" in needs else None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
         self.tokens += x.shape[0]
+        # each batch's product in float32 (fast), the running sum in float64 (exact enough for
+        # any number of batches)
         if self.xtx is not None:
-            self.xtx.addmm_(x.T, x)
+            self.xtx += (x.T @ x).double()
         if self.act_sq is not None:
-            self.act_sq += x.square().sum(dim=0)
+            self.act_sq += x.square().sum(dim=0).double()
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tokens": self.tokens}
@@ -41,19 +43,28 @@ class InputStats:
 
 
 class StatsHooks:
-    """Forward hooks that feed ``InputStats`` for a set of named linears; a context manager."""
+    """Forward hooks that feed ``InputStats`` for a set of named linears; a context manager.
 
-    def __init__(self, modules: dict[str, nn.Module], needs: frozenset[str]) -> None:
+    Linears that read the same input (``shared``: name -> key of its input-sharing group, e.g.
+    q/k/v) share one ``InputStats``, hooked on the first of them: the sums are computed once."""
+
+    def __init__(self, modules: dict[str, nn.Module], needs: frozenset[str], shared: dict[str, int] | None = None) -> None:
         self.modules = modules
         self.needs = needs
+        self.shared = shared or {}
         self.stats: dict[str, InputStats] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> StatsHooks:
+        by_group: dict[Any, InputStats] = {}
         for name, module in self.modules.items():
+            key = self.shared.get(name, name)
+            if key in by_group:
+                self.stats[name] = by_group[key]
+                continue
             device = next(iter(module.state_dict().values())).device
             stats = InputStats(in_features(module), self.needs, device)
-            self.stats[name] = stats
+            self.stats[name] = by_group[key] = stats
             self._handles.append(module.register_forward_hook(lambda m, args, out, s=stats: s.update(args[0].detach())))
         return self
 

@@ -51,7 +51,8 @@ class EvalReport:
 def _as_loaded(model: Any) -> tuple[LoadedModel, float | None]:
     if isinstance(model, LoadedModel):
         manifest = model.info.get("manifest") or {}
-        return model, (manifest.get("timings") or {}).get("total_seconds")
+        seconds = model.info.get("compression_seconds", (manifest.get("timings") or {}).get("total_seconds"))
+        return model, seconds
     if hasattr(model, "model") and isinstance(model.model, LoadedModel):  # a CompressionResult
         return model.model, model.timings.get("total_seconds")
     raise TypeError(f"expected a LoadedModel or CompressionResult, got {type(model).__name__}")

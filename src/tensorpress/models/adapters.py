@@ -24,7 +24,7 @@ class Adapter:
     # ``LlamaForCausalLM`` or a bare base model such as ``BertModel``).
     base_paths: tuple[str, ...]  # the module that runs embeddings + blocks (+ final norm)
     blocks_paths: tuple[str, ...]  # the ModuleList of blocks
-    final_norm_paths: tuple[str, ...]
+    final_norm_paths: tuple[str, ...]  # empty when the family has none (post-norm BERT)
     # Linears of one block, relative to the block, in execution order; an inner tuple is a
     # group of linears that read the same input.
     linear_groups: tuple[tuple[str, ...], ...]
@@ -52,7 +52,9 @@ class Adapter:
         assert isinstance(blocks, nn.ModuleList)
         return blocks
 
-    def final_norm(self, model: nn.Module) -> nn.Module:
+    def final_norm(self, model: nn.Module) -> nn.Module | None:
+        if not self.final_norm_paths:
+            return None
         return self._resolve(model, self.final_norm_paths, "final norm")[1]
 
     def block_linears(self) -> list[str]:
@@ -122,8 +124,8 @@ ADAPTERS: tuple[Adapter, ...] = (
         model_types=("bert",),
         base_paths=("bert", ""),
         blocks_paths=("bert.encoder.layer", "encoder.layer"),
-        # BERT normalises after each block; its last norm is inside the last block.
-        final_norm_paths=("bert.embeddings.LayerNorm", "embeddings.LayerNorm"),
+        # BERT normalises at the end of each block: there is no separate final norm.
+        final_norm_paths=(),
         linear_groups=(
             ("attention.self.query", "attention.self.key", "attention.self.value"),
             ("attention.output.dense",),

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from tensorpress.methods.base import LayerInput, MethodConfig, register_method
 from tensorpress.parts import Part, QuantizedPart
-from tensorpress.parts.quant_math import quantize_rtn
+from tensorpress.parts.quant_math import compute_grid, compute_grid_mse, quantize_with_grid
 
 
 class QuantSettings(MethodConfig):
@@ -22,6 +22,17 @@ class QuantSettings(MethodConfig):
         "channel; a group size that does not divide the input dimension leaves a shorter last group",
     )
     symmetric: bool = Field(False, description="symmetric grid (no stored zero point)")
+    mse: bool = Field(
+        False,
+        description="search each group's clipping range (80 shrink factors, error norm 2.4) "
+        "instead of using its min/max",
+    )
+
+    def grid_for(self, weight):
+        """The grid of ``weight`` under these settings (min/max, or the MSE search)."""
+        if self.mse:
+            return compute_grid_mse(weight, self.bits, self.group_size, self.symmetric)
+        return compute_grid(weight, self.bits, self.group_size, self.symmetric)
 
 
 @register_method
@@ -32,5 +43,5 @@ class RTN(QuantSettings):
     method: Literal["rtn"] = "rtn"
 
     def apply(self, layer: LayerInput) -> list[Part]:
-        codes, grid = quantize_rtn(layer.weight, self.bits, self.group_size, self.symmetric)
-        return [QuantizedPart(codes, grid)]
+        grid = self.grid_for(layer.weight)
+        return [QuantizedPart(quantize_with_grid(layer.weight, grid), grid)]

@@ -1,0 +1,38 @@
+"""GPTQ: Hessian-aware quantization with error feedback (math in ``gptq_math``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from tensorpress.methods.base import LayerInput, register_method
+from tensorpress.methods.quant.gptq_math import gptq_quantize
+from tensorpress.methods.quant.rtn import QuantSettings
+from tensorpress.parts import Part, QuantizedPart
+
+
+@register_method
+class GPTQ(QuantSettings):
+    name: ClassVar[str] = "gptq"
+    summary: ClassVar[str] = "GPTQ: quantize column by column, spreading each error through the inverse Hessian"
+    needs: ClassVar[frozenset[str]] = frozenset({"xtx"})
+
+    method: Literal["gptq"] = "gptq"
+    act_order: bool = Field(True, description="process columns by decreasing Hessian diagonal (groups stay static, in natural order)")
+    damp: float = Field(0.01, gt=0, le=1, description="damping added to the Hessian diagonal, relative to its mean")
+    block_size: int = Field(128, ge=1, description="columns per lazy batch update (speed only)")
+
+    def apply(self, layer: LayerInput) -> list[Part]:
+        codes, grid = gptq_quantize(
+            layer.weight,
+            layer.stats["xtx"],
+            self.bits,
+            self.group_size,
+            self.symmetric,
+            act_order=self.act_order,
+            damp=self.damp,
+            block_size=self.block_size,
+            mse=self.mse,
+        )
+        return [QuantizedPart(codes, grid)]

@@ -1,0 +1,121 @@
+"""GPTQ (Frantar et al., 2022) as a pure function of a weight and its input Hessian.
+
+Columns are quantized one at a time; the error of each is spread over the columns not yet
+quantized through the inverse Hessian's upper Cholesky factor, so the layer's output on the
+calibration inputs changes as little as possible. Updates inside a block of ``block_size``
+columns are applied immediately, those to later columns once per block (lazy batch updates).
+
+Grouping: without ``act_order``, a group's grid is chosen when its first column is reached, from
+the already-updated weights (natural order). With ``act_order``, columns are processed by
+decreasing Hessian diagonal, and every group's grid is fixed up front from the original weights
+("static groups"), so scales and zeros stay in natural column order and the stored layout is the
+same as RTN's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tensorpress.parts.quant_math import QuantGrid, compute_grid, compute_grid_mse, effective_group
+
+log = logging.getLogger(__name__)
+
+
+def _find_grid(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, mse: bool) -> QuantGrid:
+    if mse:
+        return compute_grid_mse(w, bits, group_size, symmetric)
+    return compute_grid(w, bits, group_size, symmetric)
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, float32, computed in float64.
+
+    If the damped Hessian is still not positive definite (too few calibration tokens for the
+    input width), the damping is raised tenfold until it is, and a warning says so."""
+    h = h.double()
+    mean_diag = torch.diagonal(h).mean().item()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(6):
+        factor, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if info.item() == 0:
+            inv = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if info.item() == 0:
+                if attempt:
+                    log.warning("Hessian needed damping %.3g (relative) to be positive definite", damp)
+                return upper.float()
+        damp *= 10
+    raise ValueError("the Hessian is not positive definite even with strong damping")
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    xtx: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    act_order: bool = True,
+    damp: float = 0.01,
+    block_size: int = 128,
+    mse: bool = False,
+) -> tuple[torch.Tensor, QuantGrid]:
+    """Quantize ``weight`` (out, in) given ``xtx`` = sum of x x^T over calibration inputs (in, in).
+
+    Returns codes (uint8, out x in, natural column order) and the grid, in the layout of
+    ``parts.quant_math``."""
+    w = weight.detach().float().clone()
+    out_f, n = w.shape
+    h = xtx.detach().double().clone()
+    dead = torch.diagonal(h) == 0  # inputs that were always zero: any weight there is free
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    group = effective_group(n, group_size)
+    n_groups = -(-n // group)
+    maxq = (1 << bits) - 1
+
+    scales = torch.empty(out_f, n_groups, dtype=torch.float16)
+    zeros = None if symmetric else torch.empty(out_f, n_groups, dtype=torch.uint8)
+    if act_order:
+        static = _find_grid(w, bits, group_size, symmetric, mse)
+        scales.copy_(static.scales)
+        if zeros is not None:
+            zeros.copy_(static.zeros)
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    else:
+        perm = torch.arange(n)
+    col_group = perm // group  # group of the column processed at each position
+    zero_implicit = float(1 << (bits - 1))
+
+    hinv = inverse_hessian_factor(h, damp)
+    codes = torch.empty(out_f, n, dtype=torch.uint8)
+    for b0 in range(0, n, block_size):
+        b1 = min(b0 + block_size, n)
+        w_blk = w[:, b0:b1].clone()
+        err_blk = torch.empty_like(w_blk)
+        hinv_blk = hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            g = int(col_group[col])
+            if not act_order and col % group == 0:
+                # dynamic group: grid from the current (already error-compensated) weights
+                end = min(col + group, n)
+                span = torch.cat([w_blk[:, i : i + end - col], w[:, b1:end]], dim=1)
+                grid = _find_grid(span, bits, None, symmetric, mse)
+                scales[:, g] = grid.scales[:, 0]
+                if zeros is not None:
+                    zeros[:, g] = grid.zeros[:, 0]
+            scale = scales[:, g].float()
+            zero = zeros[:, g].float() if zeros is not None else zero_implicit
+            x = w_blk[:, i]
+            q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+            codes[:, col] = q.to(torch.uint8)
+            err = (x - (q - zero) * scale) / hinv_blk[i, i]
+            w_blk[:, i:] -= err[:, None] * hinv_blk[i, i:][None, :]
+            err_blk[:, i] = err
+        w[:, b1:] -= err_blk @ hinv[b0:b1, b1:]
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
+    return codes, QuantGrid(scales, zeros, bits, group_size, symmetric)

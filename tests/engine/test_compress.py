@@ -70,18 +70,19 @@ def test_stats_are_those_of_the_sequentially_compressed_model():
     tp.compress(lm, tp.Recipe(stages=[{"method": "test_record_stats"}]), calib, batch_size=2)
     # direct capture of q_proj inputs in the uncompressed model
     captured = {}
+    names = [f"model.layers.{i}.{rel}" for i in range(2) for rel in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
     hooks = [
-        lm.model.get_submodule(f"model.layers.{i}.self_attn.q_proj").register_forward_hook(
-            lambda m, a, o, i=i: captured.setdefault(i, []).append(a[0].reshape(-1, a[0].shape[-1]).double()))
-        for i in range(2)
+        lm.model.get_submodule(name).register_forward_hook(
+            lambda m, a, o, name=name: captured.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1]).double()))
+        for name in names
     ]
     with torch.no_grad():
         lm.model(input_ids=calib.input_ids)
     for h in hooks:
         h.remove()
-    for i in range(2):
-        x = torch.cat(captured[i])
-        stats = _RecordStats.seen[f"model.layers.{i}.self_attn.q_proj"]
+    for name in names:  # v_proj shares q_proj's input; down_proj is fed by a sink (its matmul is skipped)
+        x = torch.cat(captured[name])
+        stats = _RecordStats.seen[name]
         assert stats["tokens"] == 48
         torch.testing.assert_close(stats["xtx"], x.T @ x, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(stats["act_sq"], x.square().sum(0), rtol=1e-4, atol=1e-4)
@@ -125,3 +126,27 @@ def test_calibrated_compression_runs_on_every_causal_architecture():
         assert len(_RecordStats.seen) == len(res.layers), arch
         ids = torch.randint(3, 300, (1, 16))
         torch.testing.assert_close(_out(res.model, ids), _out(lm, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_wide_inputs_accumulate_the_upper_triangle_only_and_match():
+    from tensorpress.engine.stats import InputStats
+
+    x = torch.randn(3, 50, 1000)
+    stats = InputStats(1000, frozenset({"xtx"}), torch.device("cpu"))
+    for batch in x:
+        stats.update(batch)
+    flat = x.reshape(-1, 1000).double()
+    torch.testing.assert_close(stats.as_dict()["xtx"], flat.T @ flat, rtol=1e-5, atol=1e-3)
+
+
+def test_dense_cache_gives_the_same_outputs_and_is_dropped_after():
+    from tensorpress.parts.linear import dense_weights_cached
+
+    lm = tiny_model("opt")
+    res = tp.compress(lm, tp.recipes.get("rtn-w4g128"))
+    ids = torch.randint(3, 300, (2, 16))
+    plain = res.model.model(input_ids=ids).logits
+    with dense_weights_cached(res.model.model):
+        cached = res.model.model(input_ids=ids).logits
+    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
+    assert all(m._dense_cache is None for m in res.model.model.modules() if isinstance(m, CompressedLinear))

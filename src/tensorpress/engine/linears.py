@@ -40,3 +40,9 @@ def in_features(module: nn.Module) -> int:
     if isinstance(module, Conv1D):
         return module.weight.shape[0]
     return module.in_features
+
+
+def out_features(module: nn.Module) -> int:
+    if isinstance(module, Conv1D):
+        return module.weight.shape[1]
+    return module.out_features

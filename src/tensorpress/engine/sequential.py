@@ -30,6 +30,7 @@ from tensorpress.errors import CalibrationError, InvalidWeightError, RecipeError
 from tensorpress.methods import LayerInput, MethodConfig
 from tensorpress.models import LoadedModel
 from tensorpress.parts import CompressedLinear
+from tensorpress.parts.linear import dense_weights_cached
 from tensorpress.progress import track
 from tensorpress.recipe import Recipe
 
@@ -166,16 +167,18 @@ def compress(
             stats: dict[str, dict[str, Any]] = {}
             if stage.needs:
                 shared = {r: lm.adapter.group_of(r) for r in rels}
+                # the last group's outputs only feed the block's output, unused here
+                last = [r for r in lm.adapter.linear_groups[-1] if is_linear(block.get_submodule(r))]
                 with _timed(timings, "statistics_seconds"), StatsHooks(
-                    {r: block.get_submodule(r) for r in rels}, stage.needs, shared
-                ) as hooks:
+                    block, rels, stage.needs, shared, skip=last
+                ) as hooks, dense_weights_cached(block):
                     run_block(block, calls)
                 stats = {r: s.as_dict() for r, s in hooks.stats.items()}
             with _timed(timings, "methods_seconds"):
                 for rel in rels:
                     _apply_stage(block, rel, f"{prefix}.{i}.{rel}", stage, stats.pop(rel, {}), originals, layers)
         if needs_calib and i + 1 < len(blocks):
-            with _timed(timings, "propagate_seconds"):
+            with _timed(timings, "propagate_seconds"), dense_weights_cached(block):
                 calls = run_block(block, calls)
     timings["total_seconds"] = time.perf_counter() - start
 

@@ -26,7 +26,8 @@ class Adapter:
     blocks_paths: tuple[str, ...]  # the ModuleList of blocks
     final_norm_paths: tuple[str, ...]  # empty when the family has none (post-norm BERT)
     # Linears of one block, relative to the block, in execution order; an inner tuple is a
-    # group of linears that read the same input.
+    # group of linears that read the same input. Contract: the last group's outputs feed only
+    # the block's output (the engine skips their matmul in statistics-only passes).
     linear_groups: tuple[tuple[str, ...], ...]
     causal: bool = True
 

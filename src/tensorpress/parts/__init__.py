@@ -1,6 +1,7 @@
 """Part types, ``CompressedLinear``, bit packing and size accounting."""
 
 from tensorpress.parts.base import PART_TYPES, Part, part_from_state, register_part
+from tensorpress.parts.codebook import CodebookPart
 from tensorpress.parts.dense import DensePart
 from tensorpress.parts.linear import CompressedLinear
 from tensorpress.parts.quantized import QuantizedPart
@@ -8,6 +9,7 @@ from tensorpress.parts.quant_math import QuantGrid
 
 __all__ = [
     "PART_TYPES",
+    "CodebookPart",
     "CompressedLinear",
     "DensePart",
     "Part",

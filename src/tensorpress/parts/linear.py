@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -24,6 +27,7 @@ class CompressedLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self._dense_cache: torch.Tensor | None = None  # set only inside dense_weights_cached()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -37,6 +41,9 @@ class CompressedLinear(nn.Module):
         return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense_cache is not None:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, self._dense_cache.to(x.dtype), bias)
         y = self.parts[0](x)
         for part in self.parts[1:]:
             y = y + part(x)
@@ -54,3 +61,19 @@ class CompressedLinear(nn.Module):
     def extra_repr(self) -> str:
         kinds = " + ".join(p.describe() for p in self.parts)
         return f"in_features={self.in_features}, out_features={self.out_features}, parts=[{kinds}]"
+
+
+@contextlib.contextmanager
+def dense_weights_cached(module: nn.Module) -> Iterator[None]:
+    """Inside the context, every ``CompressedLinear`` under ``module`` computes with a dense
+    weight materialised once, instead of rebuilding it from its parts on every call: for code
+    that runs the same layers on many batches (the engine's calibration passes). Costs one dense
+    copy of those weights while it lasts."""
+    layers = [m for m in module.modules() if isinstance(m, CompressedLinear)]
+    for layer in layers:
+        layer._dense_cache = layer.dense()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._dense_cache = None

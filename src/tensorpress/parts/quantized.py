@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tensorpress.parts.base import Part, dtype_bits, register_part
+from tensorpress.parts.kernels import PackedWeight, kernels_enabled
 from tensorpress.parts.packing import pack_bits, unpack_bits
 from tensorpress.parts.quant_math import QuantGrid, dequantize
 
@@ -30,6 +31,7 @@ class QuantizedPart(Part):
         self.register_buffer("codes", codes.to(torch.uint8).contiguous())
         self.register_buffer("scales", grid.scales.contiguous())
         self.register_buffer("zeros", None if grid.zeros is None else grid.zeros.contiguous())
+        self._packed: PackedWeight | None = None  # built on first use of a packed kernel
 
     @property
     def grid(self) -> QuantGrid:
@@ -37,6 +39,14 @@ class QuantizedPart(Part):
 
     def dense(self) -> torch.Tensor:
         return dequantize(self.codes, self.grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            if self._packed is None and PackedWeight.supports(self.grid, self.out_features, self.in_features):
+                self._packed = PackedWeight(self.codes, self.grid)
+            if self._packed is not None:
+                return self._packed(x)
+        return torch.nn.functional.linear(x, self.dense().to(x.dtype))
 
     def nbits(self) -> int:
         total = self.codes.numel() * self.bits + self.scales.numel() * dtype_bits(self.scales.dtype)

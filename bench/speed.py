@@ -1,0 +1,122 @@
+"""Speed benchmark: prefill and decode throughput of a model as loaded, in bf16, and quantized
+with the packed int8 / int4 kernels or the dense-dequantization path.
+
+Each configuration runs in its own process (so peak RSS is its own): load, prepare, warm up,
+then ``--runs`` timed runs of a prefill (one forward over ``--prefill`` tokens) and a greedy
+decode (batch 1, ``--decode`` new tokens after a 32-token prompt). Medians are reported; ratios
+to fp32 are computed from medians measured in the same invocation.
+
+    .venv/bin/python bench/speed.py                      # all configurations on smollm2-135m
+    .venv/bin/python bench/speed.py --config int4-packed # one of them
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = {
+    # name: (recipe or None, dtype, packed kernels)
+    "fp32": (None, "float32", False),
+    "bf16": (None, "bfloat16", False),
+    "int8-packed": ("rtn-w8", "float32", True),
+    "int4-dequant": ("rtn-w4g128", "float32", False),
+    "int4-packed": ("rtn-w4g128", "float32", True),
+}
+
+
+def measure(args: argparse.Namespace, name: str) -> dict:
+    import tensorpress as tp
+    from tensorpress.parts.kernels import packed_kernels
+    from tensorpress.progress import progress_bars
+
+    recipe, dtype, packed = CONFIGS[name]
+    lm = tp.load_model(args.model)
+    model = lm.model
+    if recipe:
+        with progress_bars(False):
+            model = tp.compress(lm, tp.recipes.get(recipe), inplace=True).model.model
+    model = model.to(getattr(torch, dtype)).eval()
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prefill_ids = torch.randint(0, vocab, (1, args.prefill), generator=gen)
+    prompt = torch.randint(0, vocab, (1, 32), generator=gen)
+    prefill_s, decode_s = [], []
+    with torch.inference_mode(), packed_kernels(packed):
+        model(input_ids=prefill_ids[:, :64])  # warm-up (kernel packing happens here)
+        model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            model(input_ids=prefill_ids, use_cache=False)
+            prefill_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.decode,
+                                 min_new_tokens=args.decode, do_sample=False, pad_token_id=0)
+            decode_s.append(time.perf_counter() - t)
+            assert out.shape[1] == 32 + args.decode
+    return {
+        "config": name, "recipe": recipe, "dtype": dtype, "packed_kernels": packed,
+        "prefill_tokens_per_s": args.prefill / statistics.median(prefill_s),
+        "decode_tokens_per_s": args.decode / statistics.median(decode_s),
+        "prefill_seconds": prefill_s, "decode_seconds": decode_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--config", choices=list(CONFIGS), action="append", help="default: all")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(measure(args, args.config[0])))
+        return 0
+    names = args.config or list(CONFIGS)
+    load = [round(x, 2) for x in os.getloadavg()]
+    rows = []
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", "--config", name, "--model", args.model, "--runs", str(args.runs),
+               "--prefill", str(args.prefill), "--decode", str(args.decode)]
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    base = next((r for r in rows if r["config"] == "fp32"), None)
+    print(f"{args.model}: prefill {args.prefill} tokens, decode batch 1 x {args.decode} new tokens, median of {args.runs} runs")
+    print(f"{'config':<14}{'prefill tok/s':>14}{'x fp32':>8}{'decode tok/s':>14}{'x fp32':>8}{'peak RSS MiB':>14}")
+    for r in rows:
+        rp = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"] if base else float("nan")
+        rd = r["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else float("nan")
+        r["prefill_vs_fp32"], r["decode_vs_fp32"] = rp, rd
+        print(f"{r['config']:<14}{r['prefill_tokens_per_s']:>14.1f}{rp:>8.2f}{r['decode_tokens_per_s']:>14.1f}{rd:>8.2f}{r['peak_rss_mib']:>14.0f}")
+    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "torch_threads": torch.get_num_threads(), "load_avg_at_start": load}
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}\nmachine: {machine}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model": args.model, "protocol": {"prefill_tokens": args.prefill, "decode_tokens": args.decode,
+                        "runs": args.runs, "statistic": "median"}, "machine": machine,
+                        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                        "command": shlex.join([sys.executable, *sys.argv]), "rows": rows}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Packed CPU matmul kernels for quantized parts (torch's weight-only int4 / int8 ops).
+
+* int4: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` computes ``x @ W.T`` from 4-bit codes
+  packed by ``_convert_weight_to_int4pack_for_cpu``, with per-group ``(scale, offset)`` pairs
+  where ``W = (q - 8) * scale + offset``; our asymmetric grid ``(q - z) * s`` maps to
+  ``offset = (8 - z) * s``. The op needs the input width to be a multiple of the group size
+  (32, 64, 128 or 256): a layer whose last group is shorter (576 inputs, group 128) is split
+  into a packed main part and a tail, itself packed when its width is an allowed group size
+  (64 here) and computed densely otherwise. Only the real bits are stored either way.
+* int8: ``torch.ops.aten._weight_int8pack_mm`` for 8-bit symmetric per-channel grids
+  (``W = (q - 128) * s``).
+
+Whether a part uses a kernel is decided by :func:`packed_kernels` (a context manager; off by
+default until measured faster on the machine at hand: see ``bench/speed.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from tensorpress.parts.quant_math import QuantGrid, dequantize
+
+INT4_GROUPS = (32, 64, 128, 256)
+_INNER_K_TILES = 2  # the input width must be a multiple of 16 * inner_k_tiles
+_enabled = False
+
+
+@contextlib.contextmanager
+def packed_kernels(enabled: bool = True) -> Iterator[None]:
+    """Use (or not) the packed int4/int8 kernels inside the context; restores the setting."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def kernels_enabled() -> bool:
+    return _enabled
+
+
+class _Int4Slice:
+    """A column range of the weight packed for the int4 kernel."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> None:
+        self.group = group
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), _INNER_K_TILES)
+        offsets = (8.0 - zeros) * scales  # (out, G)
+        self.scales_and_zeros = torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous()  # (G, out, 2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_and_zeros.to(x.dtype))
+
+
+class PackedWeight:
+    """``x @ W.T`` for one quantized weight through the packed kernels."""
+
+    def __init__(self, codes: torch.Tensor, grid: QuantGrid) -> None:
+        out_f, in_f = codes.shape
+        self.in_features = in_f
+        scales, zeros = grid.scales.float(), grid.zero_points()
+        self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.slices: list[tuple[slice, _Int4Slice | torch.Tensor]] = []
+        if grid.bits == 8:
+            self.int8 = ((codes.to(torch.int16) - 128).to(torch.int8).contiguous(), scales[:, 0].contiguous())
+            return
+        group = grid.group_size or in_f
+        main = in_f - in_f % group
+        if main:
+            g = main // group
+            self.slices.append((slice(0, main), _Int4Slice(codes[:, :main], scales[:, :g], zeros[:, :g], group)))
+        if main < in_f:
+            tail = in_f - main
+            cols = slice(main, in_f)
+            if tail in INT4_GROUPS and tail % (16 * _INNER_K_TILES) == 0:
+                self.slices.append((cols, _Int4Slice(codes[:, cols], scales[:, -1:], zeros[:, -1:], tail)))
+            else:  # a tail no kernel accepts: dense (its codes are still what is stored)
+                self.slices.append((cols, dequantize(codes, grid)[:, cols].contiguous()))
+
+    @staticmethod
+    def supports(grid: QuantGrid, out_features: int, in_features: int) -> bool:
+        if grid.bits == 8:
+            return grid.symmetric and grid.group_size is None
+        if grid.bits != 4:
+            return False
+        group = grid.group_size or in_features
+        # the int4 packing takes 16 output rows at a time
+        return group in INT4_GROUPS and in_features >= group and out_features % 16 == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.int8 is not None:
+            w, s = self.int8
+            y = torch.ops.aten._weight_int8pack_mm(x2, w, s.to(x2.dtype))
+        else:
+            y = None
+            for cols, op in self.slices:
+                xs = x2[:, cols].contiguous()
+                part = op(xs) if isinstance(op, _Int4Slice) else torch.nn.functional.linear(xs, op.to(xs.dtype))
+                y = part if y is None else y + part
+        return y.reshape(*lead, -1)

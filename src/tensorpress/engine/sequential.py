@@ -23,7 +23,8 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from tensorpress.data import TokenWindows
-from tensorpress.engine.linears import bias_of, is_linear, weight_of
+from tensorpress.engine.folding import can_fold_into, fold_scale
+from tensorpress.engine.linears import bias_of, in_features, is_linear, weight_of
 from tensorpress.engine.result import CompressionResult, LayerReport
 from tensorpress.engine.stats import StatsHooks
 from tensorpress.errors import CalibrationError, InvalidWeightError, RecipeError
@@ -175,6 +176,8 @@ def compress(
                     run_block(block, calls)
                 stats = {r: s.as_dict() for r, s in hooks.stats.items()}
             with _timed(timings, "methods_seconds"):
+                if stage.scales_inputs():
+                    _scale_groups(lm, block, f"{prefix}.{i}", stage, rels, stats)
                 for rel in rels:
                     _apply_stage(block, rel, f"{prefix}.{i}.{rel}", stage, stats.pop(rel, {}), originals, layers)
         if needs_calib and i + 1 < len(blocks):
@@ -190,6 +193,31 @@ def compress(
     )
     compressed = LoadedModel(model, lm.tokenizer, lm.adapter, lm.spec, info)
     return CompressionResult(compressed, recipe, layers, timings, calib.describe() if needs_calib else "")
+
+
+def _scale_groups(
+    lm: LoadedModel, block: nn.Module, block_name: str, stage: MethodConfig, rels: list[str], stats: dict[str, dict[str, Any]]
+) -> None:
+    """Let ``stage`` choose a per-input-channel scale for each linear group whose input
+    producer can absorb it, and fold it in exactly (``engine/folding.py``). All scales are
+    chosen from the block as it was, then folded, before any linear is replaced."""
+    selected = set(rels)
+    chosen = []
+    for gi, group in enumerate(lm.adapter.linear_groups):
+        members = [r for r in group if is_linear(block.get_submodule(r))]
+        producer_rel = lm.adapter.producer_of(gi)
+        if not members or producer_rel is None or not selected.issuperset(members):
+            continue
+        modules = [block.get_submodule(r) for r in members]
+        producer = block.get_submodule(producer_rel)
+        if any(isinstance(m, CompressedLinear) for m in modules) or not can_fold_into(producer, in_features(modules[0])):
+            continue
+        inputs = [LayerInput(f"{block_name}.{r}", weight_of(m), weight_of(m), None, stats.get(r, {})) for r, m in zip(members, modules)]
+        scale = stage.input_scales(inputs)
+        if scale is not None:
+            chosen.append((producer, modules, scale))
+    for producer, modules, scale in chosen:
+        fold_scale(producer, modules, scale)
 
 
 def _apply_stage(

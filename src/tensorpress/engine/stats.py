@@ -40,6 +40,7 @@ class InputStats:
         self.tokens = 0
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if "xtx" in needs else None
         self.act_sq = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_sq" in needs else None
+        self.act_abs = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_abs" in needs else None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
@@ -52,6 +53,8 @@ class InputStats:
                     self.xtx[rows, cols] += block.double()
         if self.act_sq is not None:
             self.act_sq += x.square().sum(dim=0).double()
+        if self.act_abs is not None:
+            self.act_abs += x.abs().sum(dim=0).double()
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tokens": self.tokens}
@@ -62,6 +65,8 @@ class InputStats:
             out["xtx"] = self.xtx
         if self.act_sq is not None:
             out["act_sq"] = self.act_sq
+        if self.act_abs is not None:
+            out["act_abs"] = self.act_abs
         return out
 
 

@@ -20,8 +20,9 @@ from tensorpress.parts.base import Part
 # Statistics a method may declare in ``needs`` (the engine collects only what is declared):
 #   "xtx"      sum over calibration tokens of x x^T, float64 (in, in)
 #   "act_sq"   sum over calibration tokens of x**2 per input channel, float64 (in,)
+#   "act_abs"  sum over calibration tokens of |x| per input channel, float64 (in,)
 #   "tokens"   number of calibration tokens seen (int)
-KNOWN_STATS = frozenset({"xtx", "act_sq"})
+KNOWN_STATS = frozenset({"xtx", "act_sq", "act_abs"})
 
 DEFAULT_IGNORE = ["lm_head", "re:.*embed.*"]
 
@@ -82,6 +83,18 @@ class MethodConfig(BaseModel):
     def apply(self, layer: LayerInput) -> list[Part]:
         """The new list of parts for this linear."""
         raise NotImplementedError
+
+    def input_scales(self, group: list[LayerInput]) -> torch.Tensor | None:
+        """Optional: a per-input-channel scale ``s`` (in,) for a group of linears that read the
+        same input. The engine then rewrites the model exactly — the group's weights times
+        ``s`` column-wise, the module producing the input divided by ``s`` — before ``apply``
+        sees the (scaled) weights. ``None``: leave the group as it is. Called only for groups
+        whose input producer can absorb the scale, with every member of the group selected."""
+        return None
+
+    @classmethod
+    def scales_inputs(cls) -> bool:
+        return cls.input_scales is not MethodConfig.input_scales
 
     @classmethod
     def settings(cls) -> list[tuple[str, str, str]]:

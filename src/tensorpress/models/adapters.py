@@ -30,6 +30,14 @@ class Adapter:
     # the block's output (the engine skips their matmul in statistics-only passes).
     linear_groups: tuple[tuple[str, ...], ...]
     causal: bool = True
+    # For each linear group, the module whose output is the group's input and into which a
+    # per-input-channel scale can be folded exactly (a norm: weight and bias; a linear: its
+    # output rows), or None where no such module exists (a nonlinearity or a fused projection
+    # sits between). Used by activation-aware scaling (AWQ).
+    producers: tuple[str | None, ...] = ()
+
+    def producer_of(self, group: int) -> str | None:
+        return self.producers[group] if group < len(self.producers) else None
 
     def _resolve(self, model: nn.Module, paths: tuple[str, ...], what: str) -> tuple[str, nn.Module]:
         for path in paths:
@@ -84,6 +92,9 @@ ADAPTERS: tuple[Adapter, ...] = (
         blocks_paths=("model.layers",),
         final_norm_paths=("model.norm",),
         linear_groups=_LLAMA_GROUPS,
+        # o_proj's inputs are v_proj's outputs only when every query head has its own KV head;
+        # the engine checks the widths before folding there.
+        producers=("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"),
     ),
     Adapter(
         family="gpt2",
@@ -93,6 +104,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         final_norm_paths=("transformer.ln_f", "ln_f"),
         # c_attn computes q, k and v in one matmul; c_proj of attn reads the attention output.
         linear_groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        producers=("ln_1", None, "ln_2", None),
     ),
     Adapter(
         family="opt",
@@ -106,6 +118,7 @@ ADAPTERS: tuple[Adapter, ...] = (
             ("fc1",),
             ("fc2",),
         ),
+        producers=("self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", None),
     ),
     Adapter(
         family="gpt_neox",
@@ -119,6 +132,7 @@ ADAPTERS: tuple[Adapter, ...] = (
             ("mlp.dense_h_to_4h",),
             ("mlp.dense_4h_to_h",),
         ),
+        producers=("input_layernorm", None, "post_attention_layernorm", None),
     ),
     Adapter(
         family="bert",

@@ -5,6 +5,7 @@ from tensorpress.parts.codebook import CodebookPart
 from tensorpress.parts.dense import DensePart
 from tensorpress.parts.linear import CompressedLinear
 from tensorpress.parts.quantized import QuantizedPart
+from tensorpress.parts.sparse import SparsePart
 from tensorpress.parts.quant_math import QuantGrid
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "Part",
     "QuantGrid",
     "QuantizedPart",
+    "SparsePart",
     "part_from_state",
     "register_part",
 ]

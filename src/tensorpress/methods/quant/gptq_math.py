@@ -15,6 +15,7 @@ same as RTN's.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +51,14 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("the Hessian is not positive definite even with strong damping")
 
 
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # uint8 (out, in), natural column order
+    grid: QuantGrid
+    sensitivity: torch.Tensor | None = None  # GPTQ's error metric err**2 per weight (out, in)
+    outliers: torch.Tensor | None = None  # float16-exact corrections at the outlier positions, else 0
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     xtx: torch.Tensor,
@@ -65,6 +74,29 @@ def gptq_quantize(
 
     Returns codes (uint8, out x in, natural column order) and the grid, in the layout of
     ``parts.quant_math``."""
+    r = gptq(weight, xtx, bits, group_size, symmetric, act_order=act_order, damp=damp, block_size=block_size, mse=mse)
+    return r.codes, r.grid
+
+
+def gptq(
+    weight: torch.Tensor,
+    xtx: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    act_order: bool = True,
+    damp: float = 0.01,
+    block_size: int = 128,
+    mse: bool = False,
+    outlier_mask: torch.Tensor | None = None,
+    sensitivity: bool = False,
+) -> GPTQResult:
+    """GPTQ with the extras outlier-aware quantization needs.
+
+    ``outlier_mask`` (bool, out x in): weights kept exactly instead of quantized — their error is
+    zero, they are left out of the grids' ranges, and ``outliers`` holds the float16 corrections
+    ``w - dequant(code)`` that a sparse part adds back. ``sensitivity``: also return GPTQ's error
+    metric per weight, ``((w - q) / [U]_jj)^2`` with ``U`` the inverse Hessian's Cholesky factor."""
     w = weight.detach().float().clone()
     out_f, n = w.shape
     h = xtx.detach().double().clone()
@@ -74,11 +106,16 @@ def gptq_quantize(
     group = effective_group(n, group_size)
     n_groups = -(-n // group)
     maxq = (1 << bits) - 1
+    mask = outlier_mask.bool() if outlier_mask is not None else None
+
+    def ranged(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        # outliers are zeroed for the range (0 is on every grid, so it never widens it)
+        return values if keep is None else values.masked_fill(keep, 0.0)
 
     scales = torch.empty(out_f, n_groups, dtype=torch.float16)
     zeros = None if symmetric else torch.empty(out_f, n_groups, dtype=torch.uint8)
     if act_order:
-        static = _find_grid(w, bits, group_size, symmetric, mse)
+        static = _find_grid(ranged(w, mask), bits, group_size, symmetric, mse)
         scales.copy_(static.scales)
         if zeros is not None:
             zeros.copy_(static.zeros)
@@ -86,11 +123,14 @@ def gptq_quantize(
         w, h = w[:, perm], h[perm][:, perm]
     else:
         perm = torch.arange(n)
+    mask_p = None if mask is None else mask[:, perm]
     col_group = perm // group  # group of the column processed at each position
     zero_implicit = float(1 << (bits - 1))
 
     hinv = inverse_hessian_factor(h, damp)
     codes = torch.empty(out_f, n, dtype=torch.uint8)
+    sens = torch.empty(out_f, n) if sensitivity else None
+    corrections = torch.zeros(out_f, n) if mask is not None else None
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)
         w_blk = w[:, b0:b1].clone()
@@ -103,7 +143,7 @@ def gptq_quantize(
                 # dynamic group: grid from the current (already error-compensated) weights
                 end = min(col + group, n)
                 span = torch.cat([w_blk[:, i : i + end - col], w[:, b1:end]], dim=1)
-                grid = _find_grid(span, bits, None, symmetric, mse)
+                grid = _find_grid(ranged(span, None if mask_p is None else mask_p[:, col:end]), bits, None, symmetric, mse)
                 scales[:, g] = grid.scales[:, 0]
                 if zeros is not None:
                     zeros[:, g] = grid.zeros[:, 0]
@@ -112,10 +152,23 @@ def gptq_quantize(
             x = w_blk[:, i]
             q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
             codes[:, col] = q.to(torch.uint8)
-            err = (x - (q - zero) * scale) / hinv_blk[i, i]
+            deq = (q - zero) * scale
+            if corrections is not None:
+                keep = mask_p[:, col]
+                fix = torch.where(keep, (x - deq).half().float(), torch.zeros_like(x))
+                corrections[:, col] = fix
+                deq = deq + fix
+            err = (x - deq) / hinv_blk[i, i]
+            if sens is not None:
+                sens[:, col] = err.square()
             w_blk[:, i:] -= err[:, None] * hinv_blk[i, i:][None, :]
             err_blk[:, i] = err
         w[:, b1:] -= err_blk @ hinv[b0:b1, b1:]
-    if act_order:
-        codes = codes[:, torch.argsort(perm)]
-    return codes, QuantGrid(scales, zeros, bits, group_size, symmetric)
+    inv = torch.argsort(perm)
+    grid = QuantGrid(scales, zeros, bits, group_size, symmetric)
+    return GPTQResult(
+        codes[:, inv] if act_order else codes,
+        grid,
+        None if sens is None else sens[:, inv],
+        None if corrections is None else corrections[:, inv],
+    )

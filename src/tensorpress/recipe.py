@@ -114,7 +114,9 @@ class Recipe(BaseModel):
 
     @property
     def needs_calibration(self) -> bool:
-        return any(stage.needs for stage in self.stages)
+        """Whether compressing with this recipe needs calibration windows (statistics, or a
+        bit allocation to measure)."""
+        return any(stage.needs or getattr(stage, "target_bits", None) is not None for stage in self.stages)
 
 
 def builtin_names() -> list[str]:

@@ -29,6 +29,7 @@ from tensorpress.engine.result import CompressionResult, LayerReport
 from tensorpress.engine.stats import StatsHooks
 from tensorpress.errors import CalibrationError, InvalidWeightError, RecipeError
 from tensorpress.methods import LayerInput, MethodConfig
+from tensorpress.methods.quant.mixed import allocate_bits, width_costs
 from tensorpress.models import LoadedModel
 from tensorpress.parts import CompressedLinear
 from tensorpress.parts.linear import dense_weights_cached
@@ -145,13 +146,16 @@ def compress(
     model = lm.model if inplace else copy.deepcopy(lm.model)
     model.eval()
     _validate_targets(lm, model, recipe)
-    needs_calib = recipe.needs_calibration
+    needs_calib = any(stage.needs for stage in recipe.stages)  # block statistics, not only allocation
     if needs_calib and calib is None:
         names = [s.name for s in recipe.stages if s.needs]
         raise CalibrationError(f"methods {names} need calibration data: pass calib=tp.data.calibration(...)")
 
     calls: list[BlockCall] = []
     timings: dict[str, float] = {}
+    if any(getattr(stage, "target_bits", None) is not None for stage in recipe.stages):
+        with _timed(timings, "allocation_seconds"):
+            recipe = _allocate_widths(lm, model, recipe, calib, batch_size)
     if needs_calib:
         with _timed(timings, "capture_seconds"):
             calls = capture_block_inputs(lm, model, calib, batch_size)
@@ -193,6 +197,44 @@ def compress(
     )
     compressed = LoadedModel(model, lm.tokenizer, lm.adapter, lm.spec, info)
     return CompressionResult(compressed, recipe, layers, timings, calib.describe() if needs_calib else "")
+
+
+def _allocate_widths(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: TokenWindows | None, batch_size: int) -> Recipe:
+    """Resolve ``target_bits`` of quantizer stages into per-layer ``bits_overrides``, from the
+    layers' weights and their inputs' mean squares on a few calibration windows."""
+    prefix = lm.adapter.blocks_path(model)
+    blocks = lm.adapter.blocks(model)
+    stages = list(recipe.stages)
+    for index, stage in enumerate(stages):
+        if getattr(stage, "target_bits", None) is None:
+            continue
+        if calib is None:
+            raise CalibrationError(f"stage {index + 1} ({stage.name}): target_bits needs calibration data")
+        per_block = {i: _stage_linears(lm, b, f"{prefix}.{i}", stage) for i, b in enumerate(blocks)}
+        with contextlib.ExitStack() as stack, torch.inference_mode():
+            hooks = {
+                i: stack.enter_context(StatsHooks(blocks[i], rels, frozenset({"act_sq"}), {r: lm.adapter.group_of(r) for r in rels}))
+                for i, rels in per_block.items()
+                if rels
+            }
+            windows = calib.input_ids[: stage.allocation_samples]
+            for batch in track(list(windows.split(batch_size)), "measuring layer sensitivities"):
+                model(input_ids=batch.to(_device_of(model)))
+        costs, numel = {}, {}
+        for i, h in hooks.items():
+            for rel, st in h.stats.items():
+                name = f"{prefix}.{i}.{rel}"
+                weight = weight_of(blocks[i].get_submodule(rel))
+                costs[name] = width_costs(weight, st.act_sq / max(st.tokens, 1), stage.bit_choices, stage.group_size, stage.symmetric)
+                numel[name] = weight.numel()
+        try:
+            widths = allocate_bits(costs, numel, stage.target_bits)
+        except ValueError as exc:
+            raise RecipeError(f"stage {index + 1} ({stage.name}): {exc}") from None
+        counts = {b: sum(1 for w in widths.values() if w == b) for b in sorted(set(widths.values()))}
+        log.info("stage %d (%s): widths for %.3f bits/weight: %s", index + 1, stage.name, stage.target_bits, counts)
+        stages[index] = stage.model_copy(update={"bits_overrides": widths, "target_bits": None})
+    return recipe.model_copy(update={"stages": stages})
 
 
 def _scale_groups(

@@ -32,8 +32,8 @@ class AWQ(QuantSettings):
     grid: int = Field(20, ge=2, le=200, description="alphas tried in [0, 1)")
     quantize: bool = Field(True, description="quantize after scaling (false: scale only, for a later stage such as gptq)")
 
-    def _quantized(self, w: torch.Tensor) -> torch.Tensor:
-        grid = self.grid_for(w)
+    def _quantized(self, w: torch.Tensor, bits: int) -> torch.Tensor:
+        grid = self.grid_for(w, bits)
         return dequantize(quantize_with_grid(w, grid), grid)
 
     def input_scales(self, group: list[LayerInput]) -> torch.Tensor | None:
@@ -47,7 +47,7 @@ class AWQ(QuantSettings):
             s = s / (s.max() * s.min()).sqrt()
             err = 0.0
             for layer in group:
-                delta = self._quantized(layer.weight * s) / s - layer.weight  # (out, in)
+                delta = self._quantized(layer.weight * s, self.bits_for(layer.name)) / s - layer.weight  # (out, in)
                 err += ((delta @ h) * delta).sum().item()
             if err < best_err:
                 best_err, best_scale = err, s
@@ -56,5 +56,5 @@ class AWQ(QuantSettings):
     def apply(self, layer: LayerInput) -> list[Part]:
         if not self.quantize:
             return [DensePart(layer.weight)]
-        grid = self.grid_for(layer.weight)
+        grid = self.grid_for(layer.weight, self.bits_for(layer.name))
         return [QuantizedPart(quantize_with_grid(layer.weight, grid), grid)]

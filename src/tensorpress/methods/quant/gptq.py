@@ -27,7 +27,7 @@ class GPTQ(QuantSettings):
         codes, grid = gptq_quantize(
             layer.weight,
             layer.stats["xtx"],
-            self.bits,
+            self.bits_for(layer.name),
             self.group_size,
             self.symmetric,
             act_order=self.act_order,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
-from tensorpress.methods.base import LayerInput, MethodConfig, register_method
+from tensorpress.methods.base import LayerInput, MethodConfig, matches, register_method
 from tensorpress.parts import Part, QuantizedPart
 from tensorpress.parts.quant_math import compute_grid, compute_grid_mse, quantize_with_grid
 
@@ -28,11 +28,34 @@ class QuantSettings(MethodConfig):
         "instead of using its min/max",
     )
 
-    def grid_for(self, weight):
+    bits_overrides: dict[str, Annotated[int, Field(ge=2, le=8)]] = Field(
+        default_factory=dict,
+        description="per-layer widths: {module-name pattern: bits}, first match wins (filled in "
+        "by the allocation when target_bits is set)",
+    )
+    target_bits: float | None = Field(
+        None,
+        gt=1,
+        le=8.5,
+        description="choose each layer's width among bit_choices so that the average bits/weight "
+        "(scales and zeros included) meets this target; needs calibration data",
+    )
+    bit_choices: list[Annotated[int, Field(ge=2, le=8)]] = Field(default_factory=lambda: [2, 3, 4, 8], description="widths the allocation may pick")
+    allocation_samples: int = Field(16, ge=1, description="calibration windows used to measure layer sensitivities")
+
+    def bits_for(self, name: str) -> int:
+        """The width of the layer ``name``: an override if one matches, else ``bits``."""
+        for pattern, bits in self.bits_overrides.items():
+            if matches(name, [pattern]):
+                return bits
+        return self.bits
+
+    def grid_for(self, weight, bits: int | None = None):
         """The grid of ``weight`` under these settings (min/max, or the MSE search)."""
+        bits = self.bits if bits is None else bits
         if self.mse:
-            return compute_grid_mse(weight, self.bits, self.group_size, self.symmetric)
-        return compute_grid(weight, self.bits, self.group_size, self.symmetric)
+            return compute_grid_mse(weight, bits, self.group_size, self.symmetric)
+        return compute_grid(weight, bits, self.group_size, self.symmetric)
 
 
 @register_method
@@ -43,5 +66,5 @@ class RTN(QuantSettings):
     method: Literal["rtn"] = "rtn"
 
     def apply(self, layer: LayerInput) -> list[Part]:
-        grid = self.grid_for(layer.weight)
+        grid = self.grid_for(layer.weight, self.bits_for(layer.name))
         return [QuantizedPart(quantize_with_grid(layer.weight, grid), grid)]

@@ -29,7 +29,7 @@ class SpQR(GPTQ):
 
     def _run(self, layer: LayerInput, **extra) -> object:
         return gptq(
-            layer.weight, layer.stats["xtx"], self.bits, self.group_size, self.symmetric,
+            layer.weight, layer.stats["xtx"], self.bits_for(layer.name), self.group_size, self.symmetric,
             act_order=self.act_order, damp=self.damp, block_size=self.block_size, mse=self.mse, **extra,
         )
 

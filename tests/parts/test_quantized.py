@@ -99,3 +99,20 @@ def test_compressed_linear_sums_parts_and_bias():
 def test_compressed_linear_rejects_mismatched_parts():
     with pytest.raises(ValueError, match="disagree"):
         CompressedLinear([DensePart(torch.zeros(2, 3)), DensePart(torch.zeros(3, 2))])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_search_never_does_worse_than_min_max(symmetric):
+    from tensorpress.parts.quant_math import compute_grid_mse
+
+    w = torch.randn(32, 200) ** 3  # heavy tails: clipping pays off
+    plain = compute_grid(w, 3, 64, symmetric)
+    searched = compute_grid_mse(w, 3, 64, symmetric)
+
+    def err(grid, power):
+        return (dequantize(quantize_with_grid(w, grid), grid) - w).abs().pow(power).sum().item()
+
+    assert err(searched, 2.4) <= err(plain, 2.4) * (1 + 1e-6)
+    assert err(searched, 2.0) < err(plain, 2.0)
+    # the first candidate (no shrink) is min/max, and each grid is a valid one of compute_grid's
+    assert searched.scales.shape == plain.scales.shape and (searched.scales <= plain.scales).all()

@@ -138,27 +138,44 @@ def compute_grid_mse(
     bits: int,
     group_size: int | None,
     symmetric: bool,
-    steps: int = 80,
+    steps: int = 40,
     max_shrink: float = 0.8,
     norm: float = 2.4,
 ) -> QuantGrid:
-    """Per-group grid whose range is shrunk by the factor in ``[1 - max_shrink, 1]`` that
+    """Per-group grid whose range is shrunk by the factor in ``(1 - max_shrink, 1]`` that
     minimises ``sum |w - w_hat|**norm`` over the group (the clipping search of the reference
-    GPTQ quantizer: ``steps`` candidates, norm 2.4)."""
+    GPTQ quantizer, which tries 100 candidates; 40 in steps of 0.02 here, norm 2.4). Same grids as ``compute_grid(shrink=p)``,
+    evaluated in the grouped layout ``(out, G, group)`` without expanding per column."""
     w = w.float()
     group = effective_group(w.shape[1], group_size)
-    g = _grouped(w, group)  # (out, G, group); padded zeros quantize exactly (0 is on every grid)
+    g = _grouped(w, group)  # padded zeros quantize exactly: 0 is on every grid
+    maxq = (1 << bits) - 1
+    if symmetric:
+        amax = g.abs().amax(dim=-1)
+        half = float(1 << (bits - 1))
+    else:
+        lo = g.amin(dim=-1).clamp(max=0)
+        hi = g.amax(dim=-1).clamp(min=0)
     best_err = torch.full(g.shape[:2], float("inf"))
-    best = compute_grid(w, bits, group_size, symmetric)
-    scales, zeros = best.scales.clone(), None if best.zeros is None else best.zeros.clone()
+    best_scale = torch.zeros(g.shape[:2], dtype=SCALE_DTYPE)
+    best_zero = torch.zeros(g.shape[:2])
     for i in range(steps):
-        shrink = 1.0 - max_shrink * i / steps
-        cand = compute_grid(w, bits, group_size, symmetric, shrink=shrink)
-        deq = _grouped(dequantize(quantize_with_grid(w, cand), cand), group)
-        err = (deq - g).abs().pow(norm).sum(-1)
+        p = 1.0 - max_shrink * i / steps
+        if symmetric:
+            scale = (amax * p / (half - 1)).clamp(min=_MIN_SCALE).to(SCALE_DTYPE)
+            zero = torch.full_like(amax, half)
+        else:
+            scale = ((hi - lo) * p / maxq).clamp(min=_MIN_SCALE).to(SCALE_DTYPE)
+            zero = torch.round(-lo * p / scale.float()).clamp(0, maxq)
+        s32 = scale.float()[..., None]
+        z = zero[..., None]
+        deq = (torch.clamp(torch.round(g / s32) + z, 0, maxq) - z) * s32
+        err = (deq - g).abs_().pow_(norm).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        scales = torch.where(better, cand.scales, scales)
-        if zeros is not None:
-            zeros = torch.where(better, cand.zeros, zeros)
-    return QuantGrid(scales, zeros, bits, group_size, symmetric)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    if not torch.isfinite(best_scale).all():
+        raise OverflowError("a group's range exceeds float16; weights are too large to quantize")
+    zeros = None if symmetric else best_zero.to(torch.uint8)
+    return QuantGrid(best_scale, zeros, bits, group_size, symmetric)

@@ -28,6 +28,8 @@ test: install
 bench: install
 	$(BIN)/python bench/quality.py --model smollm2-135m
 	$(BIN)/python bench/quality.py --model minilm-l6
+	$(BIN)/python bench/quality.py --model smollm2-135m --no-baseline --method gptq-w4g128,gptq-w3g128,awq-w3g128,spqr-w3g128,gptq-mixed-3.5 --out bench/results/quality-smollm2-135m-calibrated.json
+	$(BIN)/python bench/speed.py
 
 clean:
 	rm -rf out bench/results .pytest_cache

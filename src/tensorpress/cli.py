@@ -187,7 +187,7 @@ def recipes() -> None:
     for name in tp.recipes.builtin_names():
         rec = tp.recipes.get(name)
         stages = "; ".join(
-            s.name + " " + ", ".join(f"{k}={v}" for k, v in s.model_dump(exclude={"method", "targets", "ignore", "seed"}).items())
+            s.name + " " + ", ".join(f"{k}={v}" for k, v in s.model_dump(exclude_unset=True, exclude={"method"}).items())
             for s in rec.stages
         )
         table.add_row(name, stages, rec.description)

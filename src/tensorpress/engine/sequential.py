@@ -153,7 +153,8 @@ def compress(
 
     calls: list[BlockCall] = []
     timings: dict[str, float] = {}
-    if any(getattr(stage, "target_bits", None) is not None for stage in recipe.stages):
+    allocates = any(getattr(stage, "target_bits", None) is not None for stage in recipe.stages)
+    if allocates:
         with _timed(timings, "allocation_seconds"):
             recipe = _allocate_widths(lm, model, recipe, calib, batch_size)
     if needs_calib:
@@ -196,7 +197,8 @@ def compress(
         compression_seconds=timings["total_seconds"],
     )
     compressed = LoadedModel(model, lm.tokenizer, lm.adapter, lm.spec, info)
-    return CompressionResult(compressed, recipe, layers, timings, calib.describe() if needs_calib else "")
+    used = calib.describe() if calib is not None and (needs_calib or allocates) else ""
+    return CompressionResult(compressed, recipe, layers, timings, used)
 
 
 def _allocate_widths(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: TokenWindows | None, batch_size: int) -> Recipe:

@@ -98,6 +98,9 @@ def main() -> int:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = rows[-1]  # as soon as it is measured: a slow configuration should not hide the others
+        print(f"  {name}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s, "
+              f"peak RSS {r['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
     base = next((r for r in rows if r["config"] == "fp32"), None)
     print(f"{args.model}: prefill {args.prefill} tokens, decode batch 1 x {args.decode} new tokens, median of {args.runs} runs")
     print(f"{'config':<14}{'prefill tok/s':>14}{'x fp32':>8}{'decode tok/s':>14}{'x fp32':>8}{'peak RSS MiB':>14}")

@@ -7,28 +7,24 @@ whether stderr is a terminal.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from tensorpress.switch import Switch
+
 T = TypeVar("T")
 
-_enabled: bool | None = None  # None: draw bars when stderr is a terminal
+_BARS: Switch[bool | None] = Switch(None)  # None: draw bars when stderr is a terminal
 
 
-@contextlib.contextmanager
-def progress_bars(enabled: bool | None) -> Iterator[None]:
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous
+def progress_bars(enabled: bool | None):
+    """Context manager: draw progress bars (True), never (False), or on a terminal (None)."""
+    return _BARS.set(enabled)
 
 
 def _active() -> bool:
-    return sys.stderr.isatty() if _enabled is None else _enabled
+    return sys.stderr.isatty() if _BARS.value is None else _BARS.value
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:

@@ -16,31 +16,23 @@ default until measured faster on the machine at hand: see ``bench/speed.py``).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 from tensorpress.parts.quant_math import QuantGrid, dequantize
+from tensorpress.switch import Switch
 
 INT4_GROUPS = (32, 64, 128, 256)
 _INNER_K_TILES = 2  # the input width must be a multiple of 16 * inner_k_tiles
-_enabled = False
+_KERNELS: Switch[bool] = Switch(False)
 
 
-@contextlib.contextmanager
-def packed_kernels(enabled: bool = True) -> Iterator[None]:
-    """Use (or not) the packed int4/int8 kernels inside the context; restores the setting."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous
+def packed_kernels(enabled: bool = True):
+    """Context manager: use (or not) the packed int4/int8 kernels inside; restores the setting."""
+    return _KERNELS.set(enabled)
 
 
 def kernels_enabled() -> bool:
-    return _enabled
+    return _KERNELS.value
 
 
 class _Int4Slice:

@@ -59,23 +59,11 @@ class GPTQResult:
     outliers: torch.Tensor | None = None  # float16-exact corrections at the outlier positions, else 0
 
 
-def gptq_quantize(
-    weight: torch.Tensor,
-    xtx: torch.Tensor,
-    bits: int,
-    group_size: int | None,
-    symmetric: bool,
-    act_order: bool = True,
-    damp: float = 0.01,
-    block_size: int = 128,
-    mse: bool = False,
-) -> tuple[torch.Tensor, QuantGrid]:
-    """Quantize ``weight`` (out, in) given ``xtx`` = sum of x x^T over calibration inputs (in, in).
-
-    Returns codes (uint8, out x in, natural column order) and the grid, in the layout of
-    ``parts.quant_math``."""
-    r = gptq(weight, xtx, bits, group_size, symmetric, act_order=act_order, damp=damp, block_size=block_size, mse=mse)
-    return r.codes, r.grid
+def gptq_quantize(*args, **kwargs) -> tuple[torch.Tensor, QuantGrid]:
+    """``gptq(...)`` reduced to ``(codes, grid)``: codes uint8 (out, in) in natural column
+    order and the grid, in the layout of ``parts.quant_math``."""
+    result = gptq(*args, **kwargs)
+    return result.codes, result.grid
 
 
 def gptq(

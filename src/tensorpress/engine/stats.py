@@ -38,6 +38,7 @@ class InputStats:
     def __init__(self, in_features: int, needs: frozenset[str], device: torch.device) -> None:
         self.needs = needs
         self.tokens = 0
+        self._mirrored = False
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if "xtx" in needs else None
         self.act_sq = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_sq" in needs else None
         self.act_abs = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_abs" in needs else None
@@ -59,9 +60,11 @@ class InputStats:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tokens": self.tokens}
         if self.xtx is not None:
-            if self.xtx.shape[0] > _GRAM_BLOCK:  # only the upper triangle was accumulated
-                upper = torch.triu(self.xtx)
-                self.xtx = upper + torch.triu(self.xtx, diagonal=1).T
+            if self.xtx.shape[0] > _GRAM_BLOCK and not self._mirrored:
+                # only the upper triangle was accumulated; mirror it once (linears sharing this
+                # input ask for it once each)
+                self.xtx = torch.triu(self.xtx) + torch.triu(self.xtx, diagonal=1).T
+                self._mirrored = True
             out["xtx"] = self.xtx
         if self.act_sq is not None:
             out["act_sq"] = self.act_sq

@@ -83,11 +83,25 @@ def make_row(name: str, recipe, report, seed) -> dict:
     return row
 
 
+def params_kept(result) -> float:
+    """Numbers stored by the compressed linears over their original weights' numbers: a low-rank
+    part holds r*(in+out), any other part one number per weight (its bits are the other column)."""
+    stored = original = 0
+    for module in result.model.model.modules():
+        if isinstance(module, tp.parts.CompressedLinear):
+            original += module.in_features * module.out_features
+            lowrank = [p for p in module.parts if isinstance(p, tp.parts.LowRankPart)]
+            others = [p for p in module.parts if not isinstance(p, tp.parts.LowRankPart)]
+            stored += sum(p.rank * (p.in_features + p.out_features) for p in lowrank)
+            stored += module.in_features * module.out_features if others else 0
+    return stored / original if original else float("nan")
+
+
 def build_table(rows: list[dict], causal: bool, title: str, reported: dict[str, str]) -> Table:
     table = Table(title=title, header_style="bold")
     cols = ["method"] + (["perplexity", "Δ ppl", "KL (nats/tok)", "top-1 agree"] if causal
                          else ["cosine sim", "hidden MSE"])
-    cols += ["bits/w linears", "bits/w model", "compress s", "eval s"]
+    cols += ["params kept", "bits/w linears", "bits/w model", "compress s", "eval s"]
     if reported:
         cols.append("reported ppl (issues)")
     for i, col in enumerate(cols):
@@ -96,7 +110,7 @@ def build_table(rows: list[dict], causal: bool, title: str, reported: dict[str, 
         quality = ([fmt(r["perplexity"], ".3f"), fmt(r["perplexity_change"], "+.2%"), fmt(r["kl"], ".4f"),
                     fmt(r["top1_agreement"], ".2%")] if causal
                    else [fmt(r["cosine_similarity"], ".5f"), fmt(r["hidden_mse"], ".3e")])
-        table.add_row(r["method"], *quality, fmt(r["bits_per_weight_linears"], ".3f"),
+        table.add_row(r["method"], *quality, fmt(r.get("linear_params_kept"), ".1%"), fmt(r["bits_per_weight_linears"], ".3f"),
                       fmt(r["bits_per_weight_model"], ".3f"), fmt(r["compression_seconds"], ".1f"),
                       fmt(r["eval_seconds"], ".1f"), *([reported.get(r["method"], "-")] if reported else []))
     return table
@@ -131,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "similarity of mean-pooled last hidden states vs the uncompressed model")
 
     rows = []
+    reference_outputs: dict = {}  # the uncompressed model runs once on the windows, not once per method
     if not args.no_baseline:
         report = tp.evaluate(lm, reference=None if lm.causal else lm, data=windows)
         rows.append(make_row("uncompressed", None, report, None))
@@ -141,8 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         if recipe.needs_calibration:
             protocol["calibration"]["used_by"].append(name)
         result = tp.compress(lm, recipe, calib if recipe.needs_calibration else None)
-        report = tp.evaluate(result, reference=lm, data=windows)
+        report = tp.evaluate(result, reference=lm, data=windows, reference_cache=reference_outputs)
         rows.append(make_row(name, recipe, report, args.seed if recipe.needs_calibration else None))
+        rows[-1]["timings"] = {k: round(v, 2) for k, v in result.timings.items()}
+        rows[-1]["linear_params_kept"] = params_kept(result)
+        rows[-1]["peak_rss_mib_so_far"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        console.print(f"  {name}: compression {result.timings['total_seconds']:.1f} s "
+                      f"({', '.join(f'{k} {v:.1f}' for k, v in result.timings.items() if k != 'total_seconds')}), "
+                      f"peak RSS so far {rows[-1]['peak_rss_mib_so_far']:.0f} MiB")
         del result
         gc.collect()
 

@@ -35,6 +35,7 @@ CONFIGS = {
     "int8-packed": ("rtn-w8", "float32", True),
     "int4-dequant": ("rtn-w4g128", "float32", False),
     "int4-packed": ("rtn-w4g128", "float32", True),
+    "svd-30%": ("svd-p30", "float32", False),  # low-rank parts: two thin matmuls per linear
 }
 
 

@@ -80,7 +80,7 @@ def test_stats_are_those_of_the_sequentially_compressed_model():
         lm.model(input_ids=calib.input_ids)
     for h in hooks:
         h.remove()
-    for name in names:  # v_proj shares q_proj's input; down_proj is fed by a sink (its matmul is skipped)
+    for name in names:  # v_proj shares q_proj's input
         x = torch.cat(captured[name])
         stats = _RecordStats.seen[name]
         assert stats["tokens"] == 48

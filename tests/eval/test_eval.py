@@ -65,3 +65,20 @@ def test_encoder_fidelity_against_reference(text_path):
     r2 = tp.evaluate(tp.compress(lm, tp.Recipe(stages=[{"method": "rtn", "bits": 2}])), reference=lm, data=text_path, seq_len=32, windows=3)
     assert r2.cosine_similarity < 0.9999 and r2.hidden_mse > 0
     assert r2.perplexity is None
+
+
+def test_reference_cache_runs_the_reference_once_with_identical_results(text_path):
+    lm = tiny_model("llama")
+    windows = tp.data.evaluation(lm, text_path, seq_len=32, windows=3)
+    res = tp.compress(lm, tp.recipes.get("rtn-w3g128"))
+    calls = []
+    handle = lm.model.register_forward_hook(lambda m, a, o: calls.append(1))
+    plain = tp.evaluate(res, reference=lm, data=windows)
+    assert len(calls) == 3
+    cache: dict = {}
+    first = tp.evaluate(res, reference=lm, data=windows, reference_cache=cache)
+    second = tp.evaluate(res, reference=lm, data=windows, reference_cache=cache)
+    handle.remove()
+    assert len(calls) == 6 and len(cache) == 3  # 3 without cache, then 3 for both cached calls
+    for report in (first, second):
+        assert (report.kl, report.top1_agreement, report.reference_perplexity) == (plain.kl, plain.top1_agreement, plain.reference_perplexity)

@@ -21,15 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
+from transformers.pytorch_utils import Conv1D
 
 from tensorpress.data import TokenWindows
 from tensorpress.engine.folding import can_fold_into, fold_scale
 from tensorpress.engine.linears import bias_of, in_features, is_linear, weight_of
+from tensorpress.engine.lockstep import lockstep_pass
 from tensorpress.engine.result import CompressionResult, LayerReport
 from tensorpress.engine.stats import StatsHooks
 from tensorpress.errors import CalibrationError, InvalidWeightError, RecipeError
 from tensorpress.methods import LayerInput, MethodConfig
-from tensorpress.methods.quant.mixed import allocate_bits, width_costs
+from tensorpress.methods.quant.mixed import allocate_bits, fisher_diagonals, width_costs
 from tensorpress.models import LoadedModel
 from tensorpress.parts import CompressedLinear
 from tensorpress.parts.linear import dense_weights_cached
@@ -153,10 +155,11 @@ def compress(
 
     calls: list[BlockCall] = []
     timings: dict[str, float] = {}
-    allocates = any(getattr(stage, "target_bits", None) is not None for stage in recipe.stages)
+    allocates = any(getattr(stage, "target_bits", None) is not None or stage.wants_allocation() for stage in recipe.stages)
     if allocates:
         with _timed(timings, "allocation_seconds"):
             recipe = _allocate_widths(lm, model, recipe, calib, batch_size)
+            recipe = _allocate_stages(lm, model, recipe, calib, batch_size)
     if needs_calib:
         with _timed(timings, "capture_seconds"):
             calls = capture_block_inputs(lm, model, calib, batch_size)
@@ -166,9 +169,15 @@ def compress(
     layers: dict[str, LayerReport] = {}
     for i, block in enumerate(track(blocks, f"compressing {len(blocks)} blocks")):
         originals: dict[str, torch.Tensor] = {}
+        outputs: list[BlockCall] | None = None  # the block's outputs, if a pass produced them
         for stage in recipe.stages:
             rels = _stage_linears(lm, block, f"{prefix}.{i}", stage)
             if not rels:
+                continue
+            outputs = None
+            name = f"{prefix}.{i}"
+            if stage.needs and not stage.scales_inputs():
+                outputs = _true_sequential(lm, block, name, stage, rels, calls, originals, layers, timings)
                 continue
             stats: dict[str, dict[str, Any]] = {}
             if stage.needs:
@@ -182,12 +191,15 @@ def compress(
                 stats = {r: s.as_dict() for r, s in hooks.stats.items()}
             with _timed(timings, "methods_seconds"):
                 if stage.scales_inputs():
-                    _scale_groups(lm, block, f"{prefix}.{i}", stage, rels, stats)
+                    _scale_groups(lm, block, name, stage, rels, stats)
                 for rel in rels:
-                    _apply_stage(block, rel, f"{prefix}.{i}.{rel}", stage, stats.pop(rel, {}), originals, layers)
+                    _apply_stage(block, rel, f"{name}.{rel}", stage, stats.pop(rel, {}), originals, layers)
         if needs_calib and i + 1 < len(blocks):
-            with _timed(timings, "propagate_seconds"), dense_weights_cached(block):
-                calls = run_block(block, calls)
+            if outputs is not None:
+                calls = outputs
+            else:
+                with _timed(timings, "propagate_seconds"), dense_weights_cached(block):
+                    calls = run_block(block, calls)
     timings["total_seconds"] = time.perf_counter() - start
 
     info = dict(
@@ -199,6 +211,63 @@ def compress(
     compressed = LoadedModel(model, lm.tokenizer, lm.adapter, lm.spec, info)
     used = calib.describe() if calib is not None and (needs_calib or allocates) else ""
     return CompressionResult(compressed, recipe, layers, timings, used)
+
+
+def _true_sequential(
+    lm: LoadedModel,
+    block: nn.Module,
+    block_name: str,
+    stage: MethodConfig,
+    rels: list[str],
+    calls: list[BlockCall],
+    originals: dict[str, torch.Tensor],
+    layers: dict[str, LayerReport],
+    timings: dict[str, float],
+) -> list[BlockCall]:
+    """Apply ``stage`` to the block's selected linears group by group in execution order, each
+    group from statistics of inputs that already went through the compressed earlier groups;
+    one lockstep pass over the calibration batches (``engine/lockstep.py``). Returns the
+    compressed block's outputs."""
+    groups: dict[int, list[str]] = {}
+    for rel in rels:
+        groups.setdefault(lm.adapter.group_of(rel), []).append(rel)
+    spent = timings.get("methods_seconds", 0.0)
+
+    def compress_group(members: list[str], stats: dict[str, Any]) -> None:
+        with _timed(timings, "methods_seconds"):
+            for rel in members:
+                _apply_stage(block, rel, f"{block_name}.{rel}", stage, stats, originals, layers)
+
+    start = time.perf_counter()
+    with dense_weights_cached(block):
+        outputs = lockstep_pass(block, calls, groups, stage.needs, compress_group)
+    passes = time.perf_counter() - start - (timings.get("methods_seconds", 0.0) - spent)
+    timings["sequential_pass_seconds"] = timings.get("sequential_pass_seconds", 0.0) + passes
+    return outputs
+
+
+def _whole_model_stats(
+    lm: LoadedModel,
+    model: nn.Module,
+    per_block: dict[int, list[str]],
+    needs: frozenset[str],
+    windows: torch.Tensor,
+    batch_size: int,
+    label: str,
+) -> dict[str, dict[str, Any]]:
+    """Statistics of the named linears of every block (block index -> names relative to it),
+    from the whole model (as it is) running on ``windows``; keyed by full module name."""
+    prefix = lm.adapter.blocks_path(model)
+    blocks = lm.adapter.blocks(model)
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        hooks = {
+            i: stack.enter_context(StatsHooks(blocks[i], rels, needs, {r: lm.adapter.group_of(r) for r in rels}))
+            for i, rels in per_block.items()
+            if rels
+        }
+        for batch in track(list(windows.split(batch_size)), label):
+            model(input_ids=batch.to(_device_of(model)))
+    return {f"{prefix}.{i}.{rel}": st.as_dict() for i, h in hooks.items() for rel, st in h.stats.items()}
 
 
 def _allocate_widths(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: TokenWindows | None, batch_size: int) -> Recipe:
@@ -213,22 +282,25 @@ def _allocate_widths(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: T
         if calib is None:
             raise CalibrationError(f"stage {index + 1} ({stage.name}): target_bits needs calibration data")
         per_block = {i: _stage_linears(lm, b, f"{prefix}.{i}", stage) for i, b in enumerate(blocks)}
-        with contextlib.ExitStack() as stack, torch.inference_mode():
-            hooks = {
-                i: stack.enter_context(StatsHooks(blocks[i], rels, frozenset({"act_sq"}), {r: lm.adapter.group_of(r) for r in rels}))
-                for i, rels in per_block.items()
-                if rels
-            }
-            windows = calib.input_ids[: stage.allocation_samples]
-            for batch in track(list(windows.split(batch_size)), "measuring layer sensitivities"):
-                model(input_ids=batch.to(_device_of(model)))
+        windows = calib.input_ids[: stage.allocation_samples]
+        names = {f"{prefix}.{i}.{rel}": blocks[i].get_submodule(rel) for i, rels in per_block.items() for rel in rels}
+        if stage.sensitivity == "fisher":
+            if not lm.causal:
+                raise RecipeError(
+                    f"stage {index + 1} ({stage.name}): sensitivity 'fisher' needs a causal language "
+                    "model's loss; use sensitivity: activations for this model"
+                )
+            importance = fisher_diagonals(model, {n: m.weight for n, m in names.items()}, windows)
+            # Conv1D keeps its weight as (in, out)
+            importance = {n: f.T if isinstance(names[n], Conv1D) else f for n, f in importance.items()}
+        else:
+            stats = _whole_model_stats(lm, model, per_block, frozenset({"act_sq"}), windows, batch_size, "measuring layer sensitivities")
+            importance = {name: st["act_sq"] / max(st["tokens"], 1) for name, st in stats.items()}
         costs, numel = {}, {}
-        for i, h in hooks.items():
-            for rel, st in h.stats.items():
-                name = f"{prefix}.{i}.{rel}"
-                weight = weight_of(blocks[i].get_submodule(rel))
-                costs[name] = width_costs(weight, st.act_sq / max(st.tokens, 1), stage.bit_choices, stage.group_size, stage.symmetric)
-                numel[name] = weight.numel()
+        for name, module in names.items():
+            weight = weight_of(module)
+            costs[name] = width_costs(weight, importance[name], stage.bit_choices, stage.group_size, stage.symmetric)
+            numel[name] = weight.numel()
         try:
             widths = allocate_bits(costs, numel, stage.target_bits)
         except ValueError as exc:
@@ -236,6 +308,33 @@ def _allocate_widths(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: T
         counts = {b: sum(1 for w in widths.values() if w == b) for b in sorted(set(widths.values()))}
         log.info("stage %d (%s): widths for %.3f bits/weight: %s", index + 1, stage.name, stage.target_bits, counts)
         stages[index] = stage.model_copy(update={"bits_overrides": widths, "target_bits": None})
+    return recipe.model_copy(update={"stages": stages})
+
+
+def _allocate_stages(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: TokenWindows | None, batch_size: int) -> Recipe:
+    """Let each stage that ``wants_allocation()`` see all its layers at once (weights of the
+    uncompressed model and, if it declares ``needs``, their statistics on its
+    ``allocation_samples`` windows) and replace it by the copy its ``allocate`` returns."""
+    prefix = lm.adapter.blocks_path(model)
+    blocks = lm.adapter.blocks(model)
+    stages = list(recipe.stages)
+    for index, stage in enumerate(stages):
+        if not stage.wants_allocation():
+            continue
+        per_block = {i: _stage_linears(lm, b, f"{prefix}.{i}", stage) for i, b in enumerate(blocks)}
+        stats: dict[str, dict[str, Any]] = {}
+        if stage.needs:
+            if calib is None:
+                raise CalibrationError(f"stage {index + 1} ({stage.name}): its allocation needs calibration data")
+            windows = calib.input_ids[: getattr(stage, "allocation_samples", len(calib.input_ids))]
+            stats = _whole_model_stats(lm, model, per_block, stage.needs, windows, batch_size, f"statistics for the {stage.name} allocation")
+        layers = []
+        for i, rels in per_block.items():
+            for rel in rels:
+                name = f"{prefix}.{i}.{rel}"
+                weight = weight_of(blocks[i].get_submodule(rel))
+                layers.append(LayerInput(name, weight, weight, None, stats.get(name, {})))
+        stages[index] = stage.allocate(layers)
     return recipe.model_copy(update={"stages": stages})
 
 

@@ -66,12 +66,15 @@ def evaluate(
     seq_len: int = 512,
     windows: int | None = 40,
     batch_size: int = 1,
+    reference_cache: dict | None = None,
 ) -> EvalReport:
     """Evaluate ``model`` (a ``LoadedModel`` or ``CompressionResult``).
 
     ``data`` is token windows, or text (a ``TextSource``, a path, ``hf:...``) from whose last
     40 % ``windows`` consecutive windows of ``seq_len`` tokens are taken (protocol P1);
     default: the shared WikiText-2 file. KL, agreement and encoder fidelity need ``reference``.
+    ``reference_cache`` (a dict, causal models): keep the reference's outputs across calls on
+    the same windows, so it runs once for many evaluated models (memory: tokens x vocab floats).
     """
     lm, compression_seconds = _as_loaded(model)
     start = time.perf_counter()
@@ -96,7 +99,7 @@ def evaluate(
         compression_seconds=compression_seconds,
     )
     if lm.causal:
-        q = causal_quality(lm.model, win, reference.model if reference else None, batch_size)
+        q = causal_quality(lm.model, win, reference.model if reference else None, batch_size, reference_cache)
         report.tokens = q.tokens
         report.perplexity, report.reference_perplexity = q.perplexity, q.reference_perplexity
         report.kl, report.top1_agreement = q.kl, q.top1_agreement

@@ -84,6 +84,16 @@ class MethodConfig(BaseModel):
         """The new list of parts for this linear."""
         raise NotImplementedError
 
+    def wants_allocation(self) -> bool:
+        """True if the stage must see every selected layer (``allocate``) before compressing."""
+        return False
+
+    def allocate(self, layers: list[LayerInput]) -> MethodConfig:
+        """A copy of this stage with per-layer settings chosen from all its layers at once
+        (weights of the uncompressed model, ``needs`` statistics on ``allocation_samples``
+        windows); called by the engine when ``wants_allocation()``."""
+        return self
+
     def input_scales(self, group: list[LayerInput]) -> torch.Tensor | None:
         """Optional: a per-input-channel scale ``s`` (in,) for a group of linears that read the
         same input. The engine then rewrites the model exactly — the group's weights times

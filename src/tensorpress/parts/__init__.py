@@ -4,6 +4,7 @@ from tensorpress.parts.base import PART_TYPES, Part, part_from_state, register_p
 from tensorpress.parts.codebook import CodebookPart
 from tensorpress.parts.dense import DensePart
 from tensorpress.parts.linear import CompressedLinear
+from tensorpress.parts.lowrank import LowRankPart
 from tensorpress.parts.quantized import QuantizedPart
 from tensorpress.parts.sparse import SparsePart
 from tensorpress.parts.quant_math import QuantGrid
@@ -13,6 +14,7 @@ __all__ = [
     "CodebookPart",
     "CompressedLinear",
     "DensePart",
+    "LowRankPart",
     "Part",
     "QuantGrid",
     "QuantizedPart",

@@ -27,7 +27,7 @@ class CompressedLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._dense_cache: torch.Tensor | None = None  # set only inside dense_weights_cached()
+        self._dense_cache: torch.Tensor | None = None  # set by cache_dense(): calibration passes
 
     @property
     def weight(self) -> torch.Tensor:
@@ -51,6 +51,10 @@ class CompressedLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def cache_dense(self, on: bool) -> None:
+        """Compute with a dense weight materialised once (``on``) or from the parts again."""
+        self._dense_cache = self.dense() if on else None
+
     def weight_nbits(self) -> int:
         """Storage of the weight's parts, in bits."""
         return sum(p.nbits() for p in self.parts)
@@ -71,9 +75,9 @@ def dense_weights_cached(module: nn.Module) -> Iterator[None]:
     copy of those weights while it lasts."""
     layers = [m for m in module.modules() if isinstance(m, CompressedLinear)]
     for layer in layers:
-        layer._dense_cache = layer.dense()
+        layer.cache_dense(True)
     try:
         yield
     finally:
         for layer in layers:
-            layer._dense_cache = None
+            layer.cache_dense(False)

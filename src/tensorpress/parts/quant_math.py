@@ -169,8 +169,8 @@ def compute_grid_mse(
             zero = torch.round(-lo * p / scale.float()).clamp(0, maxq)
         s32 = scale.float()[..., None]
         z = zero[..., None]
-        deq = (torch.clamp(torch.round(g / s32) + z, 0, maxq) - z) * s32
-        err = (deq - g).abs_().pow_(norm).sum(dim=-1)
+        # |dequant(quant(g)) - g| ** norm, in place on one temporary
+        err = torch.div(g, s32).round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s32).sub_(g).abs_().pow_(norm).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

@@ -31,22 +31,24 @@ def _find_grid(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bo
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, float32, computed in float64.
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1 = U^T U``, float32,
+    computed in float64.
 
-    If the damped Hessian is still not positive definite (too few calibration tokens for the
-    input width), the damping is raised tenfold until it is, and a warning says so."""
-    h = h.double()
+    With ``J`` the order-reversing permutation and ``J H J = L L^T``: ``H^-1 = J L^-T L^-1 J``,
+    so ``U = J L^-1 J`` (upper triangular) — one Cholesky and one triangular inverse instead of
+    a Cholesky, an inverse and a second Cholesky. If the damped Hessian is still not positive
+    definite (too few calibration tokens for the input width), the damping is raised tenfold
+    until it is, and a warning says so."""
+    h = h.double().flip(0, 1)
     mean_diag = torch.diagonal(h).mean().item()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(6):
-        factor, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
         if info.item() == 0:
-            inv = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if info.item() == 0:
-                if attempt:
-                    log.warning("Hessian needed damping %.3g (relative) to be positive definite", damp)
-                return upper.float()
+            if attempt:
+                log.warning("Hessian needed damping %.3g (relative) to be positive definite", damp)
+            inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
+            return inverse.flip(0, 1).float()
         damp *= 10
     raise ValueError("the Hessian is not positive definite even with strong damping")
 
@@ -116,13 +118,23 @@ def gptq(
     zero_implicit = float(1 << (bits - 1))
 
     hinv = inverse_hessian_factor(h, damp)
-    codes = torch.empty(out_f, n, dtype=torch.uint8)
-    sens = torch.empty(out_f, n) if sensitivity else None
-    corrections = torch.zeros(out_f, n) if mask is not None else None
+    diag = torch.diagonal(hinv).tolist()
+    # Work on W^T (in, out): the column being quantized is a contiguous row, and the updates of
+    # the rows below it are single rank-1 (addr_) and matrix (addmm_) products.
+    wt = w.T.contiguous()
+    del w
+    codes_t = torch.empty(n, out_f, dtype=torch.uint8)
+    sens_t = torch.empty(n, out_f) if sensitivity else None
+    fixes_t = torch.zeros(n, out_f) if mask is not None else None
+    keep_t = None if mask_p is None else mask_p.T.contiguous()
+    col_scale = col_zero = None
+    if act_order:  # static grids: each processed column's scale and zero, up front
+        col_scale = scales.float().T[col_group].contiguous()
+        col_zero = zeros.float().T[col_group].contiguous() if zeros is not None else None
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)
-        w_blk = w[:, b0:b1].clone()
-        err_blk = torch.empty_like(w_blk)
+        blk = wt[b0:b1]  # a view: rows are updated in place
+        err_blk = torch.empty(b1 - b0, out_f)
         hinv_blk = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
@@ -130,28 +142,36 @@ def gptq(
             if not act_order and col % group == 0:
                 # dynamic group: grid from the current (already error-compensated) weights
                 end = min(col + group, n)
-                span = torch.cat([w_blk[:, i : i + end - col], w[:, b1:end]], dim=1)
-                grid = _find_grid(ranged(span, None if mask_p is None else mask_p[:, col:end]), bits, None, symmetric, mse)
+                span = torch.cat([blk[i : i + end - col], wt[b1:end]]).T
+                keep = None if mask_p is None else mask_p[:, col:end]
+                grid = _find_grid(ranged(span, keep), bits, None, symmetric, mse)
                 scales[:, g] = grid.scales[:, 0]
                 if zeros is not None:
                     zeros[:, g] = grid.zeros[:, 0]
-            scale = scales[:, g].float()
-            zero = zeros[:, g].float() if zeros is not None else zero_implicit
-            x = w_blk[:, i]
-            q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
-            codes[:, col] = q.to(torch.uint8)
-            deq = (q - zero) * scale
-            if corrections is not None:
-                keep = mask_p[:, col]
-                fix = torch.where(keep, (x - deq).half().float(), torch.zeros_like(x))
-                corrections[:, col] = fix
-                deq = deq + fix
-            err = (x - deq) / hinv_blk[i, i]
-            if sens is not None:
-                sens[:, col] = err.square()
-            w_blk[:, i:] -= err[:, None] * hinv_blk[i, i:][None, :]
-            err_blk[:, i] = err
-        w[:, b1:] -= err_blk @ hinv[b0:b1, b1:]
+            if act_order:
+                scale = col_scale[col]
+                zero = col_zero[col] if col_zero is not None else zero_implicit
+            else:
+                scale = scales[:, g].float()
+                zero = zeros[:, g].float() if zeros is not None else zero_implicit
+            x = blk[i]
+            q = torch.div(x, scale).round_().add_(zero).clamp_(0, maxq)
+            codes_t[col] = q
+            deq = q.sub_(zero).mul_(scale)
+            if fixes_t is not None:
+                fix = torch.where(keep_t[col], (x - deq).half().float(), 0.0)
+                fixes_t[col] = fix
+                deq += fix
+            err = torch.sub(x, deq).div_(diag[col])
+            if sens_t is not None:
+                sens_t[col] = err.square()
+            blk[i + 1 :].addr_(hinv_blk[i, i + 1 :], err, alpha=-1)
+            err_blk[i] = err
+        if b1 < n:
+            wt[b1:].addmm_(hinv[b0:b1, b1:].T, err_blk, alpha=-1)
+    codes = codes_t.T
+    sens = None if sens_t is None else sens_t.T
+    corrections = None if fixes_t is None else fixes_t.T
     inv = torch.argsort(perm)
     grid = QuantGrid(scales, zeros, bits, group_size, symmetric)
     return GPTQResult(

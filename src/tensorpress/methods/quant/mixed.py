@@ -1,9 +1,16 @@
 """Mixed precision: per-layer bit widths that meet a target average bits per weight.
 
-Each layer's sensitivity to a bit width is its RTN error weighted by the diagonal of its input
-Hessian, ``sum_j E[x_j^2] * ||W[:, j] - Q_b(W)[:, j]||^2`` (the output error the layer would cause
-if its inputs were uncorrelated); its cost is the exact storage of that width (codes, scales,
-zero points). A greedy allocation starts every layer at the narrowest width and repeatedly
+Each layer's sensitivity to a bit width is its RTN error weighted per weight by an importance:
+
+* ``fisher`` (causal models, the default): the diagonal empirical Fisher information of the
+  language-model loss, ``E[(dL/dW_ij)^2]`` over the allocation windows, so
+  ``sum_ij F_ij (W - Q_b(W))_ij^2`` estimates the loss increase (second order) and is comparable
+  across layers of different kinds and depths;
+* ``activations``: the mean squared input of each column, ``E[x_j^2]``, i.e. the layer's own
+  output error were its inputs uncorrelated (not comparable across layers, but needs no
+  gradients and works for encoders).
+
+Its cost is the exact storage of that width (codes, scales, zero points). A greedy allocation starts every layer at the narrowest width and repeatedly
 upgrades the layer with the largest error reduction per extra bit until the budget
 ``target * total weights`` would be exceeded.
 """
@@ -11,21 +18,49 @@ upgrades the layer with the largest error reduction per extra bit until the budg
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from tensorpress.parts import QuantizedPart
 from tensorpress.parts.quant_math import quantize_rtn
+from tensorpress.progress import track
 
 
 def width_costs(
-    weight: torch.Tensor, act_sq_mean: torch.Tensor, widths: list[int], group_size: int | None, symmetric: bool
+    weight: torch.Tensor, importance: torch.Tensor, widths: list[int], group_size: int | None, symmetric: bool
 ) -> dict[int, tuple[float, int]]:
-    """``{bits: (weighted error, storage bits)}`` of one layer for every candidate width."""
+    """``{bits: (weighted error, storage bits)}`` of one layer for every candidate width;
+    ``importance`` is per weight (out, in) or per input column (in,)."""
     out = {}
+    importance = importance.float()
     for bits in widths:
         part = QuantizedPart(*quantize_rtn(weight, bits, group_size, symmetric))
-        err = ((part.dense() - weight.float()).square().sum(0) * act_sq_mean.float()).sum().item()
+        err = ((part.dense() - weight.float()).square() * importance).sum().item()
         out[bits] = (err, part.nbits())
     return out
+
+
+def fisher_diagonals(model: nn.Module, weights: dict[str, torch.Tensor], windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean squared gradient of the causal LM loss with respect to each of ``weights``
+    (name -> parameter of ``model``), one window (row of ``windows``) at a time: the diagonal of
+    the empirical Fisher information. Only these weights get gradients; flags are restored."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for row in track(list(windows), "measuring layer sensitivities (Fisher)"):
+                ids = row[None].to(next(iter(weights.values())).device)
+                loss = model(input_ids=ids, labels=ids).loss
+                grads = torch.autograd.grad(loss, list(weights.values()))
+                for name, g in zip(weights, grads):
+                    fisher[name] += g.float().square()
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return {name: f / len(windows) for name, f in fisher.items()}
 
 
 def allocate_bits(costs: dict[str, dict[int, tuple[float, int]]], numel: dict[str, int], target: float) -> dict[str, int]:

@@ -42,6 +42,12 @@ class QuantSettings(MethodConfig):
     )
     bit_choices: list[Annotated[int, Field(ge=2, le=8)]] = Field(default_factory=lambda: [2, 3, 4, 8], description="widths the allocation may pick")
     allocation_samples: int = Field(16, ge=1, description="calibration windows used to measure layer sensitivities")
+    sensitivity: Literal["fisher", "activations"] = Field(
+        "fisher",
+        description="layer sensitivity for the allocation: fisher = RTN error weighted by squared "
+        "gradients of the LM loss (causal models); activations = RTN error weighted by mean "
+        "squared inputs (no gradients; encoders too)",
+    )
 
     def bits_for(self, name: str) -> int:
         """The width of the layer ``name``: an override if one matches, else ``bits``."""

@@ -1,0 +1,198 @@
+"""Run a block on every calibration batch in lockstep, so each group of linears is compressed
+from the statistics of *all* batches before any batch goes past it: true-sequential compression
+(q/k/v, then o from the compressed q/k/v's outputs, then gate/up, then down) in one pass.
+
+Each batch runs in its own worker thread, but only the thread holding the turn computes (the
+scheduler hands the turn to one worker at a time), so each torch op still gets every core and
+no two forwards contend. The linears of a group are wrapped for the pass: the first member a
+worker calls adds the worker's input to the group's statistics and parks the worker. Once every
+worker is parked or finished, the scheduler compresses the earliest group waited on and resumes
+its workers, which go on with the compressed linears. The block's outputs are those of the
+compressed block: no separate propagation pass is needed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorpress.engine.linears import in_features
+from tensorpress.engine.stats import InputStats
+from tensorpress.parts import CompressedLinear
+
+BlockCall = tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]
+
+
+class _Abandoned(BaseException):
+    """Raised inside parked workers to unwind them when the pass stops early (an error)."""
+
+
+class _Scheduler:
+    """Coroutines on threads: ``run(jobs, resolve)`` runs each job in a worker; a worker calling
+    ``park(key)`` waits until the main thread has called ``resolve(key)``."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._turn: int | None = None
+        self._parked: dict[int, int] = {}
+        self._finished: set[int] = set()
+        self._abandon = False
+        self._local = threading.local()
+
+    def park(self, key: int) -> None:
+        me = self._local.index
+        with self._cond:
+            self._parked[me] = key
+            self._turn = None
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._turn == me)
+            if self._abandon:
+                raise _Abandoned
+
+    def _give_turn(self, worker: int) -> None:
+        with self._cond:
+            self._turn = worker
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._turn is None)
+
+    def run(self, jobs: list[Callable[[], Any]], resolve: Callable[[int], None]) -> list[Any]:
+        results: list[Any] = [None] * len(jobs)
+        errors: list[BaseException] = []
+
+        def worker(index: int) -> None:
+            self._local.index = index
+            with self._cond:
+                self._cond.wait_for(lambda: self._turn == index)
+            try:
+                if not self._abandon:
+                    with torch.inference_mode():
+                        results[index] = jobs[index]()
+            except _Abandoned:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, raised there
+                errors.append(exc)
+            finally:
+                with self._cond:
+                    self._finished.add(index)
+                    self._turn = None
+                    self._cond.notify_all()
+
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True, name=f"tensorpress-batch-{i}") for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        try:
+            runnable = list(range(len(jobs)))
+            while True:
+                for index in runnable:
+                    self._give_turn(index)
+                    if errors:
+                        raise errors[0]
+                if not self._parked:
+                    break
+                key = min(self._parked.values())
+                resolve(key)
+                runnable = [i for i, k in self._parked.items() if k == key]
+                for index in runnable:
+                    del self._parked[index]
+        finally:
+            self._abandon = True
+            for index in list(self._parked):
+                self._give_turn(index)
+            for t in threads:
+                t.join()
+        return results
+
+
+class _Group:
+    """One group of linears sharing an input, during a pass."""
+
+    def __init__(self, key: int, members: list[str], stats: InputStats, scheduler: _Scheduler) -> None:
+        self.key = key
+        self.members = members
+        self.stats = stats
+        self.scheduler = scheduler
+        self.done = False
+
+    def enter(self, entry: _Entry, x: torch.Tensor) -> torch.Tensor:
+        if not self.done:  # this worker's first call into the group
+            self.stats.update(x.detach())
+            self.scheduler.park(self.key)
+        assert entry.target is not None
+        return entry.target(x)
+
+
+class _Entry(nn.Module):
+    """Stands in for one linear of a group until the group is compressed."""
+
+    def __init__(self, inner: nn.Module, group: _Group) -> None:
+        super().__init__()
+        self.inner = inner
+        self.group = group
+        self.target: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.enter(self, x)
+
+
+def lockstep_pass(
+    block: nn.Module,
+    calls: list[BlockCall],
+    groups: dict[int, list[str]],
+    needs: frozenset[str],
+    compress_group: Callable[[list[str], dict[str, Any]], None],
+) -> list[BlockCall]:
+    """Run ``block`` on every call; before any call goes past a group (key -> linear names
+    relative to the block, keys in execution order), ``compress_group(names, stats)`` replaces
+    the group's linears, with ``stats`` (``InputStats.as_dict()``) gathered from every call.
+
+    Returns the block's outputs, computed with the compressed linears. A group no call reached
+    is compressed after the pass, from empty statistics."""
+    scheduler = _Scheduler()
+    state: dict[int, _Group] = {}
+    entries: dict[str, _Entry] = {}
+    for key, members in groups.items():
+        first = block.get_submodule(members[0])
+        device = next(iter(first.state_dict().values())).device
+        state[key] = _Group(key, members, InputStats(in_features(first), needs, device), scheduler)
+        for rel in members:
+            entries[rel] = _Entry(block.get_submodule(rel), state[key])
+            block.set_submodule(rel, entries[rel])
+    created: list[CompressedLinear] = []
+
+    def resolve(key: int) -> None:
+        group = state[key]
+        for rel in group.members:
+            block.set_submodule(rel, entries[rel].inner)
+        compress_group(group.members, group.stats.as_dict())
+        for rel in group.members:
+            new = block.get_submodule(rel)
+            if isinstance(new, CompressedLinear):  # each batch calls it: build its weight once
+                new.cache_dense(True)
+                created.append(new)
+            entries[rel].target = new
+        group.done = True
+
+    def job(call: BlockCall) -> Callable[[], BlockCall]:
+        hidden, args, kwargs = call
+
+        def run() -> BlockCall:
+            out = block(hidden, *args, **kwargs)
+            return (out[0] if isinstance(out, tuple) else out), args, kwargs
+
+        return run
+
+    try:
+        outputs = scheduler.run([job(c) for c in calls], resolve)
+        for key in sorted(k for k, g in state.items() if not g.done):
+            resolve(key)
+    finally:
+        for rel, entry in entries.items():
+            if block.get_submodule(rel) is entry:
+                block.set_submodule(rel, entry.inner)
+        for layer in created:
+            layer.cache_dense(False)
+    return outputs

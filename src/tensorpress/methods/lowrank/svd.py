@@ -1,0 +1,192 @@
+"""Low-rank decomposition methods: a linear becomes two thinner matmuls (``LowRankPart``).
+
+* ``svd``: plain truncated SVD of the weight (no calibration);
+* ``asvd``: columns scaled by mean activation magnitudes before truncation (ASVD);
+* ``svd_llm``: truncation in the whitened space of the input Gram matrix, which minimises the
+  output error on the calibration inputs (SVD-LLM).
+
+The rank of a layer comes from ``rank`` (fixed), ``keep`` (the fraction of the layer's
+parameters the factors may hold: the same ratio everywhere) or ``target_reduction`` (a global
+budget: the fraction of the selected linears' parameters to remove, with ranks allocated across
+layers from their spectra, ``allocation``). A layer whose rank would not save parameters
+(``r >= in*out/(in+out)``) stays dense.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from typing import Annotated, ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from tensorpress.errors import RecipeError
+from tensorpress.methods.base import LayerInput, MethodConfig, matches, register_method
+from tensorpress.methods.lowrank.lowrank_math import channel_scales, hessian_root, spectrum, truncate
+from tensorpress.parts import DensePart, LowRankPart, Part
+
+log = logging.getLogger(__name__)
+
+_STEP = 8  # ranks are allocated in steps of this many components
+
+
+class LowRankSettings(MethodConfig):
+    """Settings of every method that fits low-rank factors."""
+
+    factor_bits: Literal[8, 16, 32] = Field(16, description="storage of the factors: int8 (+ a float16 scale per component), float16 or float32")
+    damp: float = Field(0.01, gt=0, le=1, description="eigenvalue floor of the input Gram matrix, relative to its mean")
+
+
+class _Truncation(LowRankSettings):
+    rank: int | None = Field(None, ge=0, description="fixed rank for every selected layer")
+    keep: float | None = Field(None, gt=0, le=1, description="fraction of each layer's parameters kept by its factors (rank = keep * in*out/(in+out))")
+    target_reduction: float | None = Field(
+        None, gt=0, lt=1, description="fraction of the selected linears' parameters to remove in all; ranks allocated across layers"
+    )
+    allocation: Literal["greedy", "uniform"] = Field(
+        "greedy",
+        description="with target_reduction: greedy = add rank where it removes the most relative output "
+        "error per parameter (layers may stay dense); uniform = the same keep ratio everywhere",
+    )
+    rank_overrides: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="per-layer ranks {pattern: rank}, first match wins (filled by the allocation)"
+    )
+    allocation_samples: int = Field(16, ge=1, description="calibration windows used by the allocation")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> _Truncation:
+        given = [k for k in ("rank", "keep", "target_reduction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of rank, keep, target_reduction (got {', '.join(given)})")
+        if not given and not self.rank_overrides:
+            raise ValueError("give one of rank, keep or target_reduction")
+        return self
+
+    def root(self, layer: LayerInput) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(S, S^-1)`` of the space the truncation measures error in; None = weight space."""
+        return None
+
+    def rank_for(self, name: str, shape: tuple[int, int]) -> int | None:
+        """The layer's rank, or None to keep it dense."""
+        for pattern, rank in self.rank_overrides.items():
+            if matches(name, [pattern]):
+                return rank
+        if self.rank is not None:
+            return self.rank
+        if self.keep is not None:
+            return int(self.keep * LowRankPart.break_even_rank(*shape))
+        raise RecipeError(f"{self.name}: no rank for {name} (target_reduction is resolved by the engine's allocation)")
+
+    def apply(self, layer: LayerInput) -> list[Part]:
+        rank = self.rank_for(layer.name, tuple(layer.weight.shape))
+        if rank is None or rank >= LowRankPart.break_even_rank(*layer.weight.shape):
+            return [DensePart(layer.weight)]
+        a, b = truncate(layer.weight, rank, self.root(layer))
+        return [LowRankPart(a, b, self.factor_bits)]
+
+    # budgeted allocation -------------------------------------------------------------------
+    def wants_allocation(self) -> bool:
+        return self.target_reduction is not None
+
+    def allocate(self, layers: list[LayerInput]) -> _Truncation:
+        """Resolve ``target_reduction`` into ``rank_overrides`` (a layer left dense gets a rank
+        at its break-even point)."""
+        if self.target_reduction is None:
+            return self
+        total = sum(layer.weight.numel() for layer in layers)
+        budget = (1 - self.target_reduction) * total
+        if self.allocation == "uniform":
+            ranks = {layer.name: int((1 - self.target_reduction) * LowRankPart.break_even_rank(*layer.weight.shape)) for layer in layers}
+        else:
+            ranks = _greedy_ranks(
+                {layer.name: spectrum(layer.weight, self.root(layer)).square() for layer in layers},
+                {layer.name: tuple(layer.weight.shape) for layer in layers},
+                budget,
+            )
+        overrides = {f"re:{name.replace('.', '[.]')}": rank for name, rank in ranks.items()}
+        dense = sum(1 for layer in layers if ranks[layer.name] >= LowRankPart.break_even_rank(*layer.weight.shape))
+        log.info("%s: ranks for %.0f %% fewer parameters: %d layers low-rank, %d dense", self.name, 100 * self.target_reduction, len(layers) - dense, dense)
+        return self.model_copy(update={"rank_overrides": overrides, "target_reduction": None})
+
+
+def _greedy_ranks(energies: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: float) -> dict[str, int]:
+    """Ranks (in steps of ``_STEP``) that minimise the summed relative truncation error
+    ``sum_{i>r} s_i^2 / sum s_i^2`` under ``budget`` parameters; a layer reaching its break-even
+    rank becomes dense (zero error, ``in*out`` parameters)."""
+    state = {}
+    heap: list[tuple[float, str]] = []
+    for name, e in energies.items():
+        out_f, in_f = shapes[name]
+        rel = (e / e.sum().clamp(min=1e-30)).tolist()
+        tail = [0.0] * (len(rel) + 1)  # tail[r] = relative error at rank r
+        for i in range(len(rel) - 1, -1, -1):
+            tail[i] = tail[i + 1] + rel[i]
+        last = int(LowRankPart.break_even_rank(out_f, in_f)) // _STEP * _STEP  # highest low-rank option
+        state[name] = {"rank": 0, "tail": tail, "per_rank": out_f + in_f, "last": last, "dense": out_f * in_f}
+    spent = 0.0
+
+    def next_step(name: str) -> tuple[float, float, int] | None:
+        s = state[name]
+        r = s["rank"]
+        if r >= s["last"]:
+            if r == math.inf:
+                return None
+            cost = max(s["dense"] - r * s["per_rank"], 1e-6)  # 0 when the break-even rank is a step
+            return s["tail"][min(r, len(s["tail"]) - 1)], cost, -1  # to dense: the remaining error
+        nxt = min(r + _STEP, s["last"])
+        gain = s["tail"][min(r, len(s["tail"]) - 1)] - s["tail"][min(nxt, len(s["tail"]) - 1)]
+        return gain, (nxt - r) * s["per_rank"], nxt
+
+    for name in state:
+        step = next_step(name)
+        if step:
+            heapq.heappush(heap, (-step[0] / step[1], name))
+    while heap:
+        _, name = heapq.heappop(heap)
+        step = next_step(name)
+        if step is None:
+            continue
+        gain, cost, nxt = step
+        if spent + cost > budget:
+            continue  # this layer's next step does not fit; smaller ones elsewhere may
+        spent += cost
+        state[name]["rank"] = math.inf if nxt == -1 else nxt
+        step = next_step(name)
+        if step:
+            heapq.heappush(heap, (-step[0] / step[1], name))
+    out = {}
+    for name, s in state.items():
+        out[name] = math.ceil(LowRankPart.break_even_rank(*shapes[name])) if s["rank"] == math.inf else int(s["rank"])
+    return out
+
+
+@register_method
+class SVD(_Truncation):
+    name: ClassVar[str] = "svd"
+    summary: ClassVar[str] = "truncated SVD of each weight into two thin factors (weight-space error, no calibration)"
+    method: Literal["svd"] = "svd"
+
+
+@register_method
+class ASVD(_Truncation):
+    name: ClassVar[str] = "asvd"
+    summary: ClassVar[str] = "activation-aware SVD: columns scaled by mean |x|^alpha before truncation (ASVD)"
+    needs: ClassVar[frozenset[str]] = frozenset({"act_abs"})
+    method: Literal["asvd"] = "asvd"
+    alpha: float = Field(0.5, ge=0, le=2, description="exponent of the activation-magnitude scaling")
+
+    def root(self, layer: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
+        return channel_scales(layer.stats["act_abs"] / max(layer.stats["tokens"], 1), self.alpha)
+
+
+@register_method
+class SVDLLM(_Truncation):
+    name: ClassVar[str] = "svd_llm"
+    summary: ClassVar[str] = "SVD in the whitened input space: truncation minimises the output error on calibration data (SVD-LLM)"
+    needs: ClassVar[frozenset[str]] = frozenset({"xtx"})
+    method: Literal["svd_llm"] = "svd_llm"
+
+    def root(self, layer: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
+        return hessian_root(layer.stats["xtx"], self.damp)

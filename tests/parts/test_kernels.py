@@ -26,7 +26,13 @@ def test_packed_kernels_agree_with_the_dense_path(in_f, bits, group, symmetric):
     with packed_kernels():
         packed = part(x)
     assert part._packed is not None
-    torch.testing.assert_close(packed, dense, rtol=1e-4, atol=1e-3 * dense.abs().max().item())
+    # the kernels compute with bfloat16 activations and scales (their only fast path here)
+    torch.testing.assert_close(packed, dense, rtol=2e-2, atol=1e-2 * dense.abs().max().item())
+    assert packed.dtype == torch.float32 and not torch.equal(packed, dense)
+    # many tokens at once (prefill): dequantize + float32 GEMM, exactly the dense path
+    many = torch.randn(2, 20, in_f)
+    with packed_kernels():
+        assert torch.equal(part(many), torch.nn.functional.linear(many, part.dense()))
 
 
 def test_layouts_the_kernels_cannot_take_fall_back_to_dense():

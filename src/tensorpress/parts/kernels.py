@@ -10,8 +10,16 @@
 * int8: ``torch.ops.aten._weight_int8pack_mm`` for 8-bit symmetric per-channel grids
   (``W = (q - 128) * s``).
 
+Both ops run their fast path only with **bfloat16 activations** on this kind of CPU (AVX2, no
+AVX-512): with float32 inputs they are 10-20x slower than a float32 matmul (measured, see
+``bench/README.md``). So the kernels are called with the activations, scales and offsets in
+bfloat16 and the result is cast back: outputs agree with the dense path to bfloat16 precision,
+not float32. And they only pay off when few tokens go through (decode: the weights are read
+from memory once per token, 4-8x fewer bytes); for more than ``KERNEL_MAX_TOKENS`` tokens
+(prefill) float32 GEMM on the dequantized weight is faster and is used instead.
+
 Whether a part uses a kernel is decided by :func:`packed_kernels` (a context manager; off by
-default until measured faster on the machine at hand: see ``bench/speed.py``).
+default, see ``bench/speed.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from tensorpress.parts.quant_math import QuantGrid, dequantize
 from tensorpress.switch import Switch
 
 INT4_GROUPS = (32, 64, 128, 256)
+KERNEL_MAX_TOKENS = 16  # above this many tokens per call, dequantize + float32 GEMM is faster
+_ACT = torch.bfloat16  # the kernels' fast path
 _INNER_K_TILES = 2  # the input width must be a multiple of 16 * inner_k_tiles
 _KERNELS: Switch[bool] = Switch(False)
 
@@ -42,10 +52,10 @@ class _Int4Slice:
         self.group = group
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), _INNER_K_TILES)
         offsets = (8.0 - zeros) * scales  # (out, G)
-        self.scales_and_zeros = torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous()  # (G, out, 2)
+        self.scales_and_zeros = torch.stack([scales, offsets], dim=-1).transpose(0, 1).to(_ACT).contiguous()  # (G, out, 2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_and_zeros.to(x.dtype))
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_and_zeros)
 
 
 class PackedWeight:
@@ -58,7 +68,7 @@ class PackedWeight:
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.slices: list[tuple[slice, _Int4Slice | torch.Tensor]] = []
         if grid.bits == 8:
-            self.int8 = ((codes.to(torch.int16) - 128).to(torch.int8).contiguous(), scales[:, 0].contiguous())
+            self.int8 = ((codes.to(torch.int16) - 128).to(torch.int8).contiguous(), scales[:, 0].to(_ACT).contiguous())
             return
         group = grid.group_size or in_f
         main = in_f - in_f % group
@@ -85,14 +95,14 @@ class PackedWeight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features).to(_ACT)
         if self.int8 is not None:
             w, s = self.int8
-            y = torch.ops.aten._weight_int8pack_mm(x2, w, s.to(x2.dtype))
+            y = torch.ops.aten._weight_int8pack_mm(x2, w, s)
         else:
             y = None
             for cols, op in self.slices:
                 xs = x2[:, cols].contiguous()
-                part = op(xs) if isinstance(op, _Int4Slice) else torch.nn.functional.linear(xs, op.to(xs.dtype))
-                y = part if y is None else y + part
-        return y.reshape(*lead, -1)
+                part = op(xs) if isinstance(op, _Int4Slice) else torch.nn.functional.linear(xs.float(), op)
+                y = part.float() if y is None else y + part.float()
+        return y.to(x.dtype).reshape(*lead, -1)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from tensorpress.parts.base import Part, dtype_bits, register_part
-from tensorpress.parts.kernels import PackedWeight, kernels_enabled
+from tensorpress.parts.kernels import KERNEL_MAX_TOKENS, PackedWeight, kernels_enabled
 from tensorpress.parts.packing import pack_bits, unpack_bits
 from tensorpress.parts.quant_math import QuantGrid, dequantize
 
@@ -44,7 +44,7 @@ class QuantizedPart(Part):
         if kernels_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
             if self._packed is None and PackedWeight.supports(self.grid, self.out_features, self.in_features):
                 self._packed = PackedWeight(self.codes, self.grid)
-            if self._packed is not None:
+            if self._packed is not None and x.numel() // x.shape[-1] <= KERNEL_MAX_TOKENS:
                 return self._packed(x)
         return torch.nn.functional.linear(x, self.dense().to(x.dtype))
 

@@ -24,6 +24,7 @@ from tensorpress.engine.linears import in_features
 from tensorpress.engine.stats import InputStats
 from tensorpress.parts import CompressedLinear
 
+# One captured call of a block: (hidden_states, other positional args, keyword args).
 BlockCall = tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]
 
 

@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from tensorpress.data import TokenWindows
 from tensorpress.engine.folding import can_fold_into, fold_scale
 from tensorpress.engine.linears import bias_of, in_features, is_linear, weight_of
-from tensorpress.engine.lockstep import lockstep_pass
+from tensorpress.engine.lockstep import BlockCall, lockstep_pass
 from tensorpress.engine.result import CompressionResult, LayerReport
 from tensorpress.engine.stats import StatsHooks
 from tensorpress.errors import CalibrationError, InvalidWeightError, RecipeError
@@ -40,8 +40,6 @@ from tensorpress.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-# One captured call of a block: (hidden_states, other positional args, keyword args).
-BlockCall = tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]
 
 
 def _strip_caches(value: Any) -> Any:

@@ -20,7 +20,6 @@ from tensorpress.methods.base import LayerInput, register_method
 from tensorpress.methods.lowrank.lowrank_math import hessian_root, truncate
 from tensorpress.methods.lowrank.svd import LowRankSettings
 from tensorpress.methods.quant.gptq import GPTQ
-from tensorpress.methods.quant.gptq_math import gptq_quantize
 from tensorpress.parts import LowRankPart, Part, QuantizedPart
 from tensorpress.parts.quant_math import dequantize
 
@@ -66,9 +65,6 @@ class QLR(GPTQ):
         a, b = truncate(w, self.rank, root)  # start from the activation-weighted principal part
         for _ in range(self.iterations):
             low = LowRankPart(a, b, self.factor_bits)
-            codes, grid = gptq_quantize(
-                w - low.dense(), xtx, self.bits_for(layer.name), self.group_size, self.symmetric,
-                act_order=self.act_order, damp=self.damp, block_size=self.block_size, mse=self.mse,
-            )
+            codes, grid = self.quantize(w - low.dense(), xtx, layer.name)
             a, b = truncate(w - dequantize(codes, grid), self.rank, root)
         return [QuantizedPart(codes, grid), LowRankPart(a, b, self.factor_bits)]

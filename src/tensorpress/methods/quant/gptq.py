@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch
 from pydantic import Field
 
 from tensorpress.methods.base import LayerInput, register_method
 from tensorpress.methods.quant.gptq_math import gptq_quantize
 from tensorpress.methods.quant.rtn import QuantSettings
-from tensorpress.parts import Part, QuantizedPart
+from tensorpress.parts import Part, QuantGrid, QuantizedPart
 
 
 @register_method
@@ -23,16 +24,12 @@ class GPTQ(QuantSettings):
     damp: float = Field(0.01, gt=0, le=1, description="damping added to the Hessian diagonal, relative to its mean")
     block_size: int = Field(128, ge=1, description="columns per lazy batch update (speed only)")
 
-    def apply(self, layer: LayerInput) -> list[Part]:
-        codes, grid = gptq_quantize(
-            layer.weight,
-            layer.stats["xtx"],
-            self.bits_for(layer.name),
-            self.group_size,
-            self.symmetric,
-            act_order=self.act_order,
-            damp=self.damp,
-            block_size=self.block_size,
-            mse=self.mse,
+    def quantize(self, weight: torch.Tensor, xtx: torch.Tensor, name: str) -> tuple[torch.Tensor, QuantGrid]:
+        """``(codes, grid)`` of ``weight`` under these settings (the width ``name`` gets)."""
+        return gptq_quantize(
+            weight, xtx, self.bits_for(name), self.group_size, self.symmetric,
+            act_order=self.act_order, damp=self.damp, block_size=self.block_size, mse=self.mse,
         )
-        return [QuantizedPart(codes, grid)]
+
+    def apply(self, layer: LayerInput) -> list[Part]:
+        return [QuantizedPart(*self.quantize(layer.weight, layer.stats["xtx"], layer.name))]

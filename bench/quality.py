@@ -144,11 +144,31 @@ def main(argv: list[str] | None = None) -> int:
         protocol["encoder_note"] = ("each window is fed as [CLS] + first seq_len-2 tokens + [SEP]; cosine "
                                     "similarity of mean-pooled last hidden states vs the uncompressed model")
 
+    machine = {"processor": platform.processor() or platform.machine(), "machine": platform.machine(),
+               "platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "tensorpress": tp.__version__,
+               "load_avg_at_start": load_at_start}
+    reported = REPORTED.get(args.model, {}) if windows.samples == 40 and seq_len == 512 else {}
+    slug = Path(args.model).name.replace("/", "_")
+    out = args.out or HERE / "results" / f"quality-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[dict]) -> None:
+        """Rewrite the JSON after every row, so an interrupted run keeps what it measured."""
+        payload = {"reported_in_issues": reported, "protocol": protocol, "command": command,
+                   "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                   "machine": machine, "date": started, "rows": rows,
+                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(clean(payload), indent=1) + "\n", encoding="utf-8")
+        tmp.replace(out)
+
     rows = []
     reference_outputs: dict = {}  # the uncompressed model runs once on the windows, not once per method
     if not args.no_baseline:
         report = tp.evaluate(lm, reference=None if lm.causal else lm, data=windows)
         rows.append(make_row("uncompressed", None, report, None))
+        save(rows)
     for name, recipe in recipes:
         console.print(f"compressing with {name} ...")
         if recipe.needs_calibration and calib is None:
@@ -164,14 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"  {name}: compression {result.timings['total_seconds']:.1f} s "
                       f"({', '.join(f'{k} {v:.1f}' for k, v in result.timings.items() if k != 'total_seconds')}), "
                       f"peak RSS so far {rows[-1]['peak_rss_mib_so_far']:.0f} MiB")
+        console.print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()
+                                                if k in ("perplexity", "kl", "top1_agreement", "cosine_similarity", "bits_per_weight_linears")))
+        save(rows)
         del result
         gc.collect()
 
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    machine = {"processor": platform.processor() or platform.machine(), "machine": platform.machine(),
-               "platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "tensorpress": tp.__version__,
-               "load_avg_at_start": load_at_start}
     calib_used = protocol["calibration"]["used_by"]
     calib_text = (f"{args.samples} x {seq_len} tokens, random.Random({args.seed}), first 60 % (for {', '.join(calib_used)})"
                   if calib_used else "none (no recipe here needs calibration)")
@@ -182,20 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     if not lm.causal:
         console.print(f"  encoder: {protocol['encoder_note']}")
     title = f"{args.model}: P1, {windows.samples} windows x {seq_len} tokens, calibration seed {args.seed}"
-    reported = REPORTED.get(args.model, {}) if windows.samples == 40 and seq_len == 512 else {}
     console.print(build_table(rows, lm.causal, title, reported))
     console.print(f"command: {command}\nmachine: {machine['processor']}, {machine['cpu_count']} CPUs, "
                   f"torch {machine['torch']} ({machine['torch_threads']} threads), {machine['platform']}, "
                   f"load average at start {' / '.join(map(str, load_at_start))}\n"
                   f"date: {started}\npeak RSS: {peak_rss_mib:.0f} MiB")
 
-    slug = Path(args.model).name.replace("/", "_")
-    out = args.out or HERE / "results" / f"quality-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"reported_in_issues": reported, "protocol": protocol, "command": command, "args": {k: str(v) if isinstance(v, Path) else v
-               for k, v in vars(args).items()}, "machine": machine, "date": started, "rows": rows,
-               "peak_rss_mib": round(peak_rss_mib, 1)}
-    out.write_text(json.dumps(clean(payload), indent=1) + "\n", encoding="utf-8")
+    save(rows)
     console.print(f"wrote {out}")
     return 0
 

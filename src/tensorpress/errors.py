@@ -42,3 +42,7 @@ class OutputExistsError(TensorpressError):
 
 class MissingDependencyError(TensorpressError):
     """An optional package that a requested feature needs is not installed."""
+
+
+class CodingError(TensorpressError):
+    """Coded (lossless) data that is corrupt, truncated, or not in a format this version reads."""

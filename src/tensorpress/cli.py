@@ -153,10 +153,19 @@ def eval_cmd(
 
 
 @app.command()
-def inspect(checkpoint: Annotated[Path, typer.Argument(help="a tensorpress checkpoint directory")]) -> None:
-    """Show a checkpoint's recipe, per-layer parts and bits, and files."""
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="a tensorpress checkpoint or packed (lossless) directory")],
+    tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="for a packed directory: one row per tensor")] = False,
+) -> None:
+    """Show a checkpoint's recipe, per-layer parts and bits, and files; for a packed directory,
+    the coded size of every file (and tensor) against its Shannon bound."""
+    from tensorpress.lossless.pack import is_packed, read_pack_manifest
     from tensorpress.report import layers_table
 
+    packed = is_packed(checkpoint)
+    if packed and not (checkpoint / "manifest.json").is_file():
+        _inspect_packed(checkpoint, read_pack_manifest(checkpoint), tensors)
+        return
     manifest = read_manifest(checkpoint)
     out.print(f"[bold]{checkpoint}[/]  base model: {manifest.get('base_model')}  "
               f"({manifest['model_type']}, {manifest['model_class']}, format v{manifest['format_version']}, "
@@ -168,6 +177,9 @@ def inspect(checkpoint: Annotated[Path, typer.Argument(help="a tensorpress check
     numel = sum(e["shape"][0] * e["shape"][1] for e in manifest["layers"].values())
     if numel:
         out.print(f"compressed linears: {numel:,} weights in {total / 8e6:.2f} MB = {total / numel:.3f} bits/weight")
+    if packed:
+        _inspect_packed(checkpoint, read_pack_manifest(checkpoint), tensors)
+        return
     files = Table(title="files", header_style="bold")
     files.add_column("file")
     files.add_column("bytes", justify="right")
@@ -175,6 +187,53 @@ def inspect(checkpoint: Annotated[Path, typer.Argument(help="a tensorpress check
     for name, entry in manifest["files"].items():
         files.add_row(name, f"{entry['bytes']:,}", entry["sha256"][:16] + "…")
     out.print(files)
+
+
+def _inspect_packed(path: Path, manifest: dict, per_tensor: bool) -> None:
+    from tensorpress.lossless.pack import summary
+    from tensorpress.report import packed_table
+
+    out.print(f"[bold]{path}[/]  lossless pack of {manifest['source']} (format v{manifest['format_version']}, "
+              f"tensorpress {manifest['tensorpress_version']})")
+    out.print(packed_table(manifest, per_tensor=per_tensor))
+    total = summary(manifest)
+    if total["values"]:
+        out.print(f"all coded tensors: {total['values']:,} values, {total['original_bits'] / 8e6:.2f} MB → "
+                  f"{total['coded_bits'] / 8e6:.2f} MB (ratio {total['original_bits'] / total['coded_bits']:.3f}), "
+                  f"{total['coded_bits'] / total['values']:.3f} bits/value; Shannon bound "
+                  f"{total['bound_bits'] / total['values']:.3f} (gap {total['coded_bits'] / total['bound_bits'] - 1:+.2%})")
+
+
+@app.command()
+def pack(
+    source: Annotated[str, typer.Argument(help="a model directory, built-in name, hub id or tensorpress checkpoint")],
+    output: Annotated[Path, typer.Argument(help="directory to write")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
+) -> None:
+    """Losslessly pack every safetensors file of SOURCE (entropy-coded, bit-exact).
+
+    Example: tensorpress pack minilm-l6 out/minilm-packed
+    """
+    from tensorpress.lossless.pack import pack as pack_dir
+
+    manifest = pack_dir(source, output, overwrite=overwrite)
+    _inspect_packed(output, manifest, per_tensor=False)
+
+
+@app.command()
+def unpack(
+    packed: Annotated[Path, typer.Argument(help="a directory written by 'tensorpress pack'")],
+    output: Annotated[Path, typer.Argument(help="directory to write the original files to")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
+) -> None:
+    """Decode a packed directory back to its original files (every tensor checked by sha256)."""
+    from tensorpress.lossless.pack import unpack as unpack_dir
+
+    identical = unpack_dir(packed, output, overwrite=overwrite)
+    for name, same in identical.items():
+        verdict = "byte-identical to the original file" if same else "same tensors (sha256-checked), file bytes differ"
+        out.print(f"{output / name}: {verdict}")
+    out.print(f"wrote {output}")
 
 
 @app.command()

@@ -56,6 +56,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished directory ``tmp`` to ``target``, replacing what was there, so that the
+    target name only ever holds a complete directory."""
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _dense_state(model: torch.nn.Module, compressed: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors of the model outside compressed parts, each storage once, plus aliases."""
     tensors: dict[str, torch.Tensor] = {}
@@ -143,13 +156,7 @@ def save_checkpoint(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         _fsync_dir_files(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -213,13 +220,37 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} cannot be read as safetensors ({exc})") from None
 
 
+def _packed_tensor_source(path: Path):
+    """For a losslessly packed checkpoint: its manifest and a reader of its weight files."""
+    from tensorpress.lossless.pack import read_pack_manifest, read_tensors, verify_copied_files
+
+    packed = read_pack_manifest(path)
+    verify_copied_files(path, packed)
+    manifest = read_manifest(path)
+    return manifest, lambda name: read_tensors(path, name, packed)
+
+
 def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
-    """Rebuild the (compressed) model a checkpoint holds, after verifying every file."""
+    """Rebuild the (compressed) model a checkpoint holds, after verifying every file.
+
+    A losslessly packed directory (``tensorpress pack``) loads too: a packed checkpoint is
+    decoded in memory, a packed Hugging Face directory through a temporary unpacked copy."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from tensorpress.lossless.pack import is_packed
+
     path = Path(path)
-    manifest = read_manifest(path)
-    verify_files(path, manifest)
+    if is_packed(path):
+        if not (path / MANIFEST).is_file():
+            return _load_packed_model_dir(path)
+        manifest, tensors_of = _packed_tensor_source(path)
+    else:
+        manifest = read_manifest(path)
+        verify_files(path, manifest)
+
+        def tensors_of(name: str) -> dict[str, torch.Tensor]:
+            return _load_tensors(path / name)
+
     config = AutoConfig.from_pretrained(path)
     try:
         adapter = adapter_for(config.model_type)
@@ -228,7 +259,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     cls = _model_class(manifest["model_class"])
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     model = cls(config).to(dtype).eval()
-    part_tensors = _load_tensors(path / PARTS_FILE) if manifest["layers"] else {}
+    part_tensors = tensors_of(PARTS_FILE) if manifest["layers"] else {}
     expected_missing = set(manifest.get("aliases", {}))
     for name, entry in manifest["layers"].items():
         parts = []
@@ -242,7 +273,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
         layer = CompressedLinear(parts, bias)
         model.set_submodule(name, layer)
         expected_missing.update(f"{name}.{k}" for k in layer.state_dict() if k.startswith("parts."))
-    dense = _load_tensors(path / DENSE_FILE)
+    dense = tensors_of(DENSE_FILE)
     missing, unexpected = model.load_state_dict(dense, strict=False)
     if unexpected or set(missing) - expected_missing:
         raise CheckpointError(
@@ -256,6 +287,23 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(path)
     info = {"base_model": manifest.get("base_model"), "checkpoint": str(path), "manifest": manifest}
     return LoadedModel(model, tokenizer, adapter, str(path), info)
+
+
+def _load_packed_model_dir(path: Path) -> LoadedModel:
+    """A packed Hugging Face directory: unpack to a temporary directory and load from there."""
+    from tensorpress.lossless.pack import unpack
+    from tensorpress.models import load_model
+
+    with tempfile.TemporaryDirectory(prefix="tensorpress-unpacked-") as tmp:
+        unpack(path, Path(tmp) / "model")
+        lm = load_model(Path(tmp) / "model")
+        for p in lm.model.parameters():  # weights may be memory-mapped from the temporary files
+            p.data = p.data.clone()
+        for b in lm.model.buffers():
+            b.data = b.data.clone()
+    lm.spec = str(path)
+    lm.info.update({"source": "packed", "path": str(path)})
+    return lm
 
 
 def checkpoint_bytes(path: str | os.PathLike) -> int:

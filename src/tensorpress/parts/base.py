@@ -62,6 +62,12 @@ class Part(nn.Module):
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Part:
         raise NotImplementedError
 
+    @classmethod
+    def code_bits(cls, meta: dict[str, Any]) -> dict[str, int]:
+        """Which of this kind's saved tensors are bit-packed integer codes, and their width
+        (lossless packing codes those as symbols rather than as bytes)."""
+        return {}
+
     def describe(self) -> str:
         """One short human-readable line, for ``tensorpress inspect``."""
         return self.kind

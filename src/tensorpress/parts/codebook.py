@@ -74,7 +74,11 @@ class CodebookPart(Part):
         tensors = {"codes": pack_bits(self.codes, self.bits), "codebook": self.codebook}
         if self.scales is not None:
             tensors["scales"] = self.scales
-        return tensors, {"shape": list(self.shape), "group_size": self.group_size}
+        return tensors, {"shape": list(self.shape), "group_size": self.group_size, "bits": self.bits}
+
+    @classmethod
+    def code_bits(cls, meta: dict[str, Any]) -> dict[str, int]:
+        return {"codes": int(meta["bits"])} if "bits" in meta else {}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> CodebookPart:

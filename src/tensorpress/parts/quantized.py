@@ -78,6 +78,10 @@ class QuantizedPart(Part):
         grid = QuantGrid(scales, zeros, bits, meta["group_size"], bool(meta["symmetric"]))
         return cls(codes, grid)
 
+    @classmethod
+    def code_bits(cls, meta: dict[str, Any]) -> dict[str, int]:
+        return {"codes": int(meta["bits"]), "zeros": int(meta["bits"])}
+
     def describe(self) -> str:
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
         return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"

@@ -59,3 +59,31 @@ def layers_table(manifest: dict[str, Any]) -> Table:
         bits = entry["weight_bits"]
         table.add_row(name, f"{out_f}x{in_f}", parts, f"{bits:,}", f"{bits / (out_f * in_f):.3f}")
     return table
+
+
+def packed_table(manifest: dict[str, Any], per_tensor: bool = False) -> Table:
+    """Coded size against the field-wise Shannon bound, per packed file (or per tensor)."""
+    table = Table(title="lossless coding", header_style="bold")
+    for col in ("file" if not per_tensor else "tensor", "codec", "values", "original MB", "coded MB", "ratio",
+                "bits/value", "Shannon bound", "gap"):
+        table.add_column(col, justify="left" if col in ("file", "tensor", "codec") else "right")
+
+    def row(name: str, stats: list[dict[str, Any]], codec: str) -> None:
+        n = sum(t["numel"] for t in stats)
+        orig = sum(t["original_bits"] for t in stats)
+        coded = sum(t["coded_bits"] for t in stats)
+        bound = sum(t["bound_bits"] for t in stats)
+        table.add_row(name, codec, f"{n:,}", f"{orig / 8e6:.3f}", f"{coded / 8e6:.3f}", _fmt(orig / coded if coded else None, ".3f"),
+                      _fmt(coded / n if n else None, ".3f"), _fmt(bound / n if n else None, ".3f"),
+                      _fmt(coded / bound - 1 if bound else None, "+.2%"))
+
+    for rel, entry in manifest["files"].items():
+        if "tensors" not in entry:
+            continue
+        if per_tensor:
+            for name, t in entry["tensors"].items():
+                row(name, [t], t["codec"])
+        else:
+            codecs = sorted({t["codec"] for t in entry["tensors"].values()})
+            row(rel, list(entry["tensors"].values()), ", ".join(codecs))
+    return table

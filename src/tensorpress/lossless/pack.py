@@ -1,0 +1,333 @@
+"""Lossless packing of whole model directories and tensorpress checkpoints.
+
+``pack(source, out)`` copies a model directory (a Hugging Face directory, a built-in model, a
+hub id, or a tensorpress checkpoint) with every ``*.safetensors`` file replaced by a
+``*.safetensors.tplc`` container of losslessly coded tensors; every other file is copied as is.
+Bit-packed quantization codes in a tensorpress checkpoint are unpacked first and coded as
+symbols, so they cost less than their nominal width. ``lossless.json`` records, per file, the
+original size and sha256 and, per tensor, its dtype, shape, the sha256 of its bytes, its coded
+size and the Shannon bound of its coded fields.
+
+``unpack(packed, out)`` writes the original files back; ``read_tensors`` decodes one container
+in memory. Every decoded tensor's sha256 is checked against ``lossless.json`` and every stored
+file's sha256 before it is read; a mismatch raises :class:`CodingError` naming the file and the
+tensor. Writes go to a temporary sibling directory renamed into place at the end.
+
+Container layout (``.tplc``): ``"TPLK" version:u32 index_bytes:u64 index(JSON) index_crc32:u32``,
+then the tensors' encodings (``format.encode``) back to back at the offsets the index gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tensorpress import __version__
+from tensorpress.errors import CheckpointError, CodingError, ModelNotFoundError, OutputExistsError
+from tensorpress.io.checkpoint import replace_dir, sha256_file
+from tensorpress.lossless.format import CodingStats, decode, encode_with_stats
+from tensorpress.parts.packing import pack_bits, unpack_bits
+from tensorpress.progress import track
+
+PACK_MANIFEST = "lossless.json"
+PACK_FORMAT = "tensorpress-lossless"
+PACK_VERSION = 1
+CONTAINER_MAGIC = b"TPLK"
+SUFFIX = ".tplc"
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    t = t.contiguous()
+    return sha256_bytes(t.reshape(-1).view(torch.uint8).numpy().data) if t.numel() else sha256_bytes(b"")
+
+
+def resolve_source(spec: str | os.PathLike) -> Path:
+    """The local directory holding a model's files: a directory, a built-in name or a hub id."""
+    from tensorpress.models.loading import BUILTIN_MODELS, _builtin_dir, _is_hub_id
+
+    spec_str = os.fspath(spec)
+    if spec_str in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[spec_str]
+        if builtin.gguf_file:
+            raise ModelNotFoundError(
+                f"built-in model {spec_str!r} ships as GGUF ({builtin.gguf_file}), which has no "
+                "safetensors weights to pack; compress it and pack the checkpoint, or save it first"
+            )
+        return _builtin_dir(builtin)
+    path = Path(spec_str).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"{path} is a file; pack takes a model directory, a built-in name or a hub id")
+    if _is_hub_id(spec_str):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(spec_str, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        except Exception as exc:  # the hub client raises many types; the message says which
+            raise ModelNotFoundError(f"cannot fetch {spec_str!r} from the hub or its cache ({exc})") from exc
+    raise ModelNotFoundError(f"no such model {spec_str!r}: not a directory, a built-in name or a hub id 'org/name'")
+
+
+def _code_bits(source: Path) -> dict[str, int]:
+    """Tensor name -> bits, for the bit-packed code tensors of a tensorpress checkpoint."""
+    from tensorpress.parts import PART_TYPES
+
+    manifest_path = source / "manifest.json"
+    if not manifest_path.is_file():
+        return {}
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    if not isinstance(manifest, dict) or manifest.get("format") != "tensorpress-checkpoint":
+        return {}
+    out: dict[str, int] = {}
+    for layer, entry in manifest.get("layers", {}).items():
+        for i, part in enumerate(entry.get("parts", [])):
+            cls = PART_TYPES.get(part.get("kind"))
+            if cls is None:
+                continue
+            for tensor, bits in cls.code_bits(part.get("meta", {})).items():
+                out[f"{layer}.parts.{i}.{tensor}"] = bits
+    return out
+
+
+@dataclass
+class _Entry:
+    name: str
+    blob: bytes
+    stats: CodingStats
+    sha256: str
+    dtype: str
+    shape: list[int]
+    unpacked_bits: int | None  # the tensor was bit-packed codes of this width, coded as symbols
+
+
+def _encode_tensor(name: str, t: torch.Tensor, bits: int | None) -> _Entry:
+    sha = _tensor_sha256(t)
+    if bits is not None and t.dtype == torch.uint8 and t.dim() == 1:
+        # bit-packed codes: code the codes themselves; the padding codes are zero
+        codes = unpack_bits(t, bits, t.numel() * 8 // bits)
+        if torch.equal(pack_bits(codes, bits), t):
+            blob, stats = encode_with_stats(codes)
+            # the stats speak of the original tensor: its packed bits, and the codes' entropy
+            stats = CodingStats(codes.numel(), t.numel() * 8, stats.coded_bits, stats.coded_stream_entropy_bits,
+                                stats.raw_bits, f"codes{bits}:{stats.codec}")
+            return _Entry(name, blob, stats, sha, str(t.dtype).removeprefix("torch."), list(t.shape), bits)
+    blob, stats = encode_with_stats(t)
+    return _Entry(name, blob, stats, sha, str(t.dtype).removeprefix("torch."), list(t.shape), None)
+
+
+def _write_container(path: Path, entries: list[_Entry], metadata: dict[str, str] | None) -> None:
+    index, offset = [], 0
+    for e in entries:
+        index.append({"name": e.name, "offset": offset, "bytes": len(e.blob), "unpacked_bits": e.unpacked_bits})
+        offset += len(e.blob)
+    index_bytes = json.dumps({"tensors": index, "metadata": metadata}, separators=(",", ":")).encode()
+    with open(path, "wb") as f:
+        f.write(CONTAINER_MAGIC + struct.pack("<IQ", PACK_VERSION, len(index_bytes)) + index_bytes)
+        f.write(struct.pack("<I", zlib.crc32(index_bytes)))
+        for e in entries:
+            f.write(e.blob)
+
+
+def _read_container(path: Path) -> tuple[list[dict[str, Any]], dict[str, str] | None, memoryview]:
+    data = memoryview(path.read_bytes())
+    head = 4 + struct.calcsize("<IQ")
+    if len(data) < head or bytes(data[:4]) != CONTAINER_MAGIC:
+        raise CodingError(f"{path}: not a tensorpress lossless container")
+    version, n = struct.unpack_from("<IQ", data, 4)
+    if version > PACK_VERSION:
+        raise CodingError(f"{path}: container version {version} is newer than this tensorpress reads ({PACK_VERSION})")
+    if len(data) < head + n + 4:
+        raise CodingError(f"{path}: truncated container index")
+    index_bytes = data[head:head + n]
+    (crc,) = struct.unpack_from("<I", data, head + n)
+    if zlib.crc32(index_bytes) != crc:
+        raise CodingError(f"{path}: container index checksum mismatch (corrupt)")
+    index = json.loads(bytes(index_bytes))
+    return index["tensors"], index.get("metadata"), data[head + n + 4:]
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str] | None:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def pack(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> dict[str, Any]:
+    """Write a lossless copy of ``source`` at ``out``; returns the ``lossless.json`` manifest."""
+    src = resolve_source(source)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    if (src / PACK_MANIFEST).is_file():
+        raise CodingError(f"{src} is already packed (it has {PACK_MANIFEST}); unpack it first")
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    if not weights:
+        raise ModelNotFoundError(f"{src} holds no *.safetensors files to pack")
+    code_bits = _code_bits(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    manifest: dict[str, Any] = {
+        "format": PACK_FORMAT, "format_version": PACK_VERSION, "tensorpress_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": str(source),
+        "checkpoint": (src / "manifest.json").is_file(), "files": {},
+    }
+    try:
+        for path in files:
+            rel = str(path.relative_to(src))
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            entry: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            if path in weights:
+                entries = []
+                with safe_open(str(path), framework="pt") as f:
+                    names = list(f.keys())
+                    for name in track(names, f"packing {rel}", total=len(names)):
+                        entries.append(_encode_tensor(name, f.get_tensor(name), code_bits.get(name)))
+                stored = target.with_name(target.name + SUFFIX)
+                _write_container(stored, entries, _safetensors_metadata(path))
+                entry["stored"] = rel + SUFFIX
+                entry["stored_bytes"] = stored.stat().st_size
+                entry["stored_sha256"] = sha256_file(stored)
+                entry["tensors"] = {
+                    e.name: {"dtype": e.dtype, "shape": e.shape, "sha256": e.sha256, **e.stats.to_dict()} for e in entries
+                }
+            else:
+                shutil.copy2(path, target)
+                entry["stored"] = rel
+            manifest["files"][rel] = entry
+        (tmp / PACK_MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def is_packed(path: str | os.PathLike) -> bool:
+    return (Path(path) / PACK_MANIFEST).is_file()
+
+
+def read_pack_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    mpath = path / PACK_MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"{path} is not a packed model: {PACK_MANIFEST} is missing")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{mpath} is corrupt: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
+        raise CheckpointError(f"{mpath} is not a tensorpress lossless manifest")
+    if not isinstance(manifest.get("format_version"), int) or manifest["format_version"] > PACK_VERSION:
+        raise CheckpointError(f"{path}: lossless format version {manifest.get('format_version')!r} is newer than "
+                              f"this tensorpress reads ({PACK_VERSION})")
+    return manifest
+
+
+def _check_stored(path: Path, rel: str, entry: dict[str, Any]) -> Path:
+    stored = path / entry["stored"]
+    if not stored.is_file():
+        raise CheckpointError(f"{path}: {entry['stored']} (for {rel}) is missing")
+    digest_key = "stored_sha256" if "stored_sha256" in entry else "sha256"
+    if sha256_file(stored) != entry[digest_key]:
+        raise CheckpointError(f"{path}: {entry['stored']} does not match its sha256 in {PACK_MANIFEST} (corrupt)")
+    return stored
+
+
+def verify_copied_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Every file copied as is (config, tokenizer, checkpoint manifest) matches its sha256."""
+    for rel, entry in manifest["files"].items():
+        if "tensors" not in entry:
+            _check_stored(path, rel, entry)
+
+
+def read_tensors(path: str | os.PathLike, rel: str, manifest: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Decode the tensors of one original safetensors file ``rel`` of a packed directory."""
+    path = Path(path)
+    manifest = manifest or read_pack_manifest(path)
+    entry = manifest["files"].get(rel)
+    if entry is None or "tensors" not in entry:
+        raise CheckpointError(f"{path}: {rel} is not a packed weights file of this directory")
+    stored = _check_stored(path, rel, entry)
+    index, _, payload = _read_container(stored)
+    tensors: dict[str, torch.Tensor] = {}
+    for item in index:
+        name = item["name"]
+        expected = entry["tensors"].get(name)
+        if expected is None:
+            raise CodingError(f"{stored}: tensor {name} is not listed in {PACK_MANIFEST}")
+        try:
+            t = decode(payload[item["offset"]:item["offset"] + item["bytes"]])
+            if item.get("unpacked_bits"):
+                t = pack_bits(t, int(item["unpacked_bits"]))
+        except CodingError as exc:
+            raise CodingError(f"{stored}: tensor {name}: {exc}") from None
+        if _tensor_sha256(t) != expected["sha256"]:
+            raise CodingError(f"{stored}: tensor {name} decodes to bytes that do not match its sha256")
+        tensors[name] = t
+    if set(tensors) != set(entry["tensors"]):
+        raise CodingError(f"{stored}: tensors {sorted(set(entry['tensors']) - set(tensors))[:5]} are missing")
+    return tensors
+
+
+def unpack(packed: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> dict[str, bool]:
+    """Write the original files of a packed directory at ``out``.
+
+    Returns, per weights file, whether the rewritten file is byte-identical to the original
+    (its tensors always are: each is checked by sha256)."""
+    packed, out = Path(packed), Path(out)
+    manifest = read_pack_manifest(packed)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    identical: dict[str, bool] = {}
+    try:
+        for rel, entry in manifest["files"].items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if "tensors" in entry:
+                stored = _check_stored(packed, rel, entry)
+                _, metadata, _ = _read_container(stored)
+                save_file(read_tensors(packed, rel, manifest), str(target), metadata=metadata)
+                identical[rel] = sha256_file(target) == entry["sha256"]
+            else:
+                shutil.copy2(_check_stored(packed, rel, entry), target)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return identical
+
+
+def summary(manifest: dict[str, Any]) -> dict[str, float]:
+    """Totals over every coded tensor: values, original/coded/bound bits."""
+    tensors = [t for e in manifest["files"].values() for t in e.get("tensors", {}).values()]
+    return {
+        "tensors": len(tensors),
+        "values": sum(t["numel"] for t in tensors),
+        "original_bits": sum(t["original_bits"] for t in tensors),
+        "coded_bits": sum(t["coded_bits"] for t in tensors),
+        "bound_bits": sum(t["bound_bits"] for t in tensors),
+    }

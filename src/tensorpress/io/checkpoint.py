@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tensorpress import __version__
-from tensorpress.errors import CheckpointError, OutputExistsError, UnsupportedArchitectureError
+from tensorpress.errors import CheckpointError, CodingError, OutputExistsError, UnsupportedArchitectureError
 from tensorpress.models import LoadedModel, adapter_for
 from tensorpress.parts import CompressedLinear, part_from_state
 
@@ -267,7 +267,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
             try:
                 tensors = {t: part_tensors[f"{name}.parts.{i}.{t}"] for t in p["tensors"]}
                 parts.append(part_from_state(p["kind"], tensors, p["meta"]))
-            except (KeyError, ValueError) as exc:
+            except (KeyError, ValueError, CodingError) as exc:
                 raise CheckpointError(f"{path}: part {i} of layer {name} cannot be rebuilt ({exc})") from None
         bias = torch.zeros(entry["shape"][0], dtype=dtype) if entry["bias"] else None
         layer = CompressedLinear(parts, bias)

@@ -17,7 +17,7 @@
 #include <stddef.h>
 #include <string.h>
 
-#define LANES 4
+#define LANES 8
 #define RANS_L (1u << 16)
 
 /* Encode n symbols. freq/start are indexed by symbol (sum of freq = 2^P). out has room for
@@ -62,44 +62,65 @@ typedef struct {
     uint16_t sym, freq, bias, pad;
 } slot_t;
 
-/* One rANS decoding step of lane state *x: returns the symbol. Renormalisation is branch-free
- * (the word is read speculatively and kept only when needed), since whether a lane needs a
- * word is data-dependent and unpredictable. */
-static inline uint32_t rans_step(uint32_t *x, const slot_t *table, uint32_t mask, unsigned P,
-                                 const uint16_t **ptr, const uint16_t *end, int *bad) {
-    uint32_t xs = *x;
-    slot_t e = table[xs & mask];
-    xs = (uint32_t)e.freq * (xs >> P) + e.bias;
+/* Decoder state: the lanes' states and the read position in the word stream. */
+typedef struct {
+    uint32_t x[LANES];
+    const uint16_t *ptr, *end;
+    const slot_t *table;
+    uint32_t mask;
+    unsigned P;
+    int bad; /* set when a renormalisation needed a word past the end */
+} rans_dec_t;
+
+static int dec_init(rans_dec_t *d, const uint8_t *in, size_t len, const slot_t *table, unsigned P) {
+    if (len < 4 * LANES || (len - 4 * LANES) % 2) return -1;
+    for (int l = 0; l < LANES; l++) memcpy(&d->x[l], in + 4 * l, 4);
+    d->ptr = (const uint16_t *)(in + 4 * LANES);
+    d->end = (const uint16_t *)(in + len);
+    d->table = table;
+    d->mask = (1u << P) - 1;
+    d->P = P;
+    d->bad = 0;
+    return 0;
+}
+
+/* A valid stream is consumed exactly and leaves every lane in its initial state; a corrupt
+ * one almost surely fails one of these checks. */
+static int dec_finish(const rans_dec_t *d) {
+    if (d->bad || d->ptr != d->end) return -1;
+    for (int l = 0; l < LANES; l++)
+        if (d->x[l] != RANS_L) return -1;
+    return 0;
+}
+
+/* One decoding step of lane l: returns the symbol. Renormalisation is branch-free (the word
+ * is read speculatively and kept only when needed), since whether a lane needs a word is
+ * data-dependent and unpredictable. */
+static inline uint32_t dec_step(rans_dec_t *d, int l) {
+    uint32_t xs = d->x[l];
+    slot_t e = d->table[xs & d->mask];
+    xs = (uint32_t)e.freq * (xs >> d->P) + e.bias;
     int need = xs < RANS_L;
-    int avail = *ptr < end;
-    uint32_t word = avail ? **ptr : 0;
-    *bad |= need & !avail;
+    int avail = d->ptr < d->end;
+    uint32_t word = avail ? *d->ptr : 0;
+    d->bad |= need & !avail;
     xs = need ? (xs << 16) | word : xs;
-    *ptr += need & avail;
-    *x = xs;
+    d->ptr += need & avail;
+    d->x[l] = xs;
     return e.sym;
 }
 
 /* Decode n symbols into sym (uint16). table has 2^P slots. Returns 0, or -1 if the stream is
- * inconsistent: it runs out of words, has words left over, or does not end in the initial
- * states (a corrupt stream almost surely fails one of these). */
+ * inconsistent (see dec_finish). */
 int tp_rans_decode(const uint8_t *in, size_t len, size_t n, const slot_t *table, unsigned P, uint16_t *sym) {
-    if (len < 4 * LANES || (len - 4 * LANES) % 2) return -1;
-    uint32_t x[LANES];
-    for (int l = 0; l < LANES; l++) memcpy(&x[l], in + 4 * l, 4);
-    const uint16_t *ptr = (const uint16_t *)(in + 4 * LANES);
-    const uint16_t *end = (const uint16_t *)(in + len);
-    const uint32_t mask = (1u << P) - 1;
-    int bad = 0;
+    rans_dec_t d;
+    if (dec_init(&d, in, len, table, P)) return -1;
     size_t k = 0;
     size_t full = n - n % LANES;
     for (; k < full; k += LANES)
-        for (int l = 0; l < LANES; l++) sym[k + l] = (uint16_t)rans_step(&x[l], table, mask, P, &ptr, end, &bad);
-    for (int l = 0; k < n; k++, l++) sym[k] = (uint16_t)rans_step(&x[l], table, mask, P, &ptr, end, &bad);
-    if (bad || ptr != end) return -1;
-    for (int l = 0; l < LANES; l++)
-        if (x[l] != RANS_L) return -1;
-    return 0;
+        for (int l = 0; l < LANES; l++) sym[k + l] = (uint16_t)dec_step(&d, l);
+    for (int l = 0; k < n; k++, l++) sym[k] = (uint16_t)dec_step(&d, l);
+    return dec_finish(&d);
 }
 
 static inline uint64_t load_value(const uint8_t *src, size_t i, int width) {
@@ -193,4 +214,38 @@ void tp_merge(const uint16_t *sym, const uint8_t *raw, size_t n, int width, int 
         }
         store_value(dst, i, width, (r & lowmask) | ((uint64_t)sym[i] << shift) | ((r >> shift) << (shift + ebits)));
     }
+}
+
+/* Raw bits of value i (rawbits <= 32) from a packed stream of rawlen bytes. */
+static inline uint64_t raw_at(const uint8_t *raw, size_t rawlen, size_t i, int rawbits) {
+    size_t pos = i * (size_t)rawbits;
+    size_t b = pos >> 3;
+    uint64_t w = 0;
+    if (b + 8 <= rawlen) {
+        memcpy(&w, raw + b, 8);
+    } else {
+        memcpy(&w, raw + b, rawlen - b);
+    }
+    return (w >> (pos & 7)) & ((1ull << rawbits) - 1);
+}
+
+/* tp_rans_decode and tp_merge in one pass, for raw fields of at most 32 bits: each value is
+ * rebuilt as soon as its symbol is decoded, without an intermediate symbol buffer. */
+int tp_decode_fields(const uint8_t *in, size_t len, size_t n, const slot_t *table, unsigned P,
+                     const uint8_t *raw, int width, int shift, int ebits, uint8_t *dst) {
+    const int rawbits = 8 * width - ebits;
+    if (rawbits > 32 || rawbits < 1) return -2;
+    rans_dec_t d;
+    if (dec_init(&d, in, len, table, P)) return -1;
+    const size_t rawlen = (n * (size_t)rawbits + 7) / 8;
+    const uint64_t lowmask = (1ull << shift) - 1;
+    for (size_t k = 0; k < n; k += LANES) {
+        int m = n - k < LANES ? (int)(n - k) : LANES;
+        for (int l = 0; l < m; l++) {
+            uint64_t s = dec_step(&d, l);
+            uint64_t r = raw_at(raw, rawlen, k + l, rawbits);
+            store_value(dst, k + l, width, (r & lowmask) | (s << shift) | ((r >> shift) << (shift + ebits)));
+        }
+    }
+    return dec_finish(&d);
 }

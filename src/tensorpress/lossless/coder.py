@@ -21,7 +21,7 @@ import numpy as np
 from tensorpress.errors import CodingError
 
 PRECISIONS = range(10, 16)  # probability bits; <= 15 keeps every frequency in a uint16
-LANES = 4  # interleaved rANS states, as compiled into _rans.c
+LANES = 8  # interleaved rANS states, as compiled into _rans.c
 
 
 @cache
@@ -47,6 +47,8 @@ def library() -> ctypes.CDLL:
     lib.tp_split.restype = None
     lib.tp_merge.argtypes = [p, p, size, ctypes.c_int, ctypes.c_int, ctypes.c_int, p]
     lib.tp_merge.restype = None
+    lib.tp_decode_fields.argtypes = [p, size, size, p, ctypes.c_uint, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, p]
+    lib.tp_decode_fields.restype = ctypes.c_int
     return lib
 
 
@@ -144,6 +146,20 @@ def decode_symbols(data: np.ndarray, n: int, table: FrequencyTable, decode_table
     rc = library().tp_rans_decode(_ptr(data), data.size, n, _ptr(decode_table), table.precision, _ptr(out))
     if rc != 0:
         raise CodingError("the coded stream is inconsistent (corrupt or truncated)")
+
+
+def decode_fields(data: np.ndarray, n: int, table: FrequencyTable, decode_table: np.ndarray, raw: np.ndarray,
+                  width: int, shift: int, ebits: int, out: np.ndarray) -> bool:
+    """Decode ``n`` coded fields and merge them with their raw bits into ``out`` in one pass.
+
+    Returns False (nothing done) when the raw fields are wider than the fused path handles."""
+    if 8 * width - ebits > 32:
+        return False
+    rc = library().tp_decode_fields(_ptr(data), data.size, n, _ptr(decode_table), table.precision,
+                                    _ptr(raw), width, shift, ebits, _ptr(out))
+    if rc != 0:
+        raise CodingError("the coded stream is inconsistent (corrupt or truncated)")
+    return True
 
 
 def split_fields(values: np.ndarray, width: int, shift: int, ebits: int) -> tuple[np.ndarray, np.ndarray]:

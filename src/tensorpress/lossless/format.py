@@ -40,6 +40,7 @@ import torch
 from tensorpress.errors import CodingError
 from tensorpress.lossless.coder import (
     FrequencyTable,
+    decode_fields,
     decode_symbols,
     encode_symbols,
     entropy_bits,
@@ -258,9 +259,12 @@ def decode(blob: bytes | bytearray | memoryview) -> torch.Tensor:
         piece = data[start:start + coded_len + raw_len]
         if zlib.crc32(piece) != crc:
             raise CodingError(f"chunk {i} of {nchunks}: checksum mismatch (corrupt data)")
+        target = out[i * chunk * width:(i * chunk + count) * width]
+        if codec == FIELDS and decode_fields(piece[:coded_len], count, table, dtable, piece[coded_len:],
+                                             width, shift, ebits, target):
+            return
         symbols = np.empty(count, dtype=np.uint16)
         decode_symbols(piece[:coded_len], count, table, dtable, symbols)
-        target = out[i * chunk * width:(i * chunk + count) * width]
         if codec == FIELDS:
             merge_fields(symbols, piece[coded_len:], width, shift, ebits, target)
         else:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tensorpress.parts.base import Part, dtype_bits, register_part
-from tensorpress.parts.packing import pack_bits, unpack_bits
+from tensorpress.parts.coded import CodesStorage
 from tensorpress.parts.quant_math import effective_group, expand_groups
 
 # The 16 levels of NF4 (Dettmers et al., QLoRA): quantiles of a standard normal, rescaled to
@@ -31,7 +31,7 @@ NF4_LEVELS = (
 
 
 @register_part
-class CodebookPart(Part):
+class CodebookPart(CodesStorage, Part):
     kind = "codebook"
 
     def __init__(
@@ -65,30 +65,33 @@ class CodebookPart(Part):
         return w
 
     def nbits(self) -> int:
-        total = self.codes.numel() * self.bits + self.codebook.numel() * dtype_bits(self.codebook.dtype)
+        total = self.codes_nbits() + self.codebook.numel() * dtype_bits(self.codebook.dtype)
         if self.scales is not None:
             total += self.scales.numel() * dtype_bits(self.scales.dtype)
         return total
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"codes": pack_bits(self.codes, self.bits), "codebook": self.codebook}
+        codes, coding = self.codes_state()
+        tensors = {"codes": codes, "codebook": self.codebook}
         if self.scales is not None:
             tensors["scales"] = self.scales
-        return tensors, {"shape": list(self.shape), "group_size": self.group_size, "bits": self.bits}
+        return tensors, {"shape": list(self.shape), "group_size": self.group_size, "bits": self.bits, **coding}
 
     @classmethod
     def code_bits(cls, meta: dict[str, Any]) -> dict[str, int]:
-        return {"codes": int(meta["bits"])} if "bits" in meta else {}
+        return {"codes": int(meta["bits"])} if "bits" in meta and not meta.get("codes_coding") else {}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> CodebookPart:
         out_f, in_f = meta["shape"]
         codebook = tensors["codebook"]
         bits = codebook.shape[1].bit_length() - 1
-        codes = unpack_bits(tensors["codes"], bits, out_f * in_f).reshape(out_f, in_f)
-        return cls(codes, codebook, tensors.get("scales"), meta["group_size"])
+        codes, coded = cls.codes_from_state(tensors["codes"], meta, bits, (out_f, in_f))
+        part = cls(codes, codebook, tensors.get("scales"), meta["group_size"])
+        part._coded_codes = coded
+        return part
 
     def describe(self) -> str:
         tables = "per-tensor" if self.codebook.shape[0] == 1 else "per-row"
         scaled = "" if self.scales is None else (" g" + str(self.group_size) if self.group_size else " per-channel")
-        return f"codebook{self.bits} {tables}{scaled}"
+        return f"codebook{self.bits} {tables}{scaled}{' coded' if self.codes_coded else ''}"

@@ -12,13 +12,14 @@ from typing import Any
 import torch
 
 from tensorpress.parts.base import Part, dtype_bits, register_part
+from tensorpress.parts.coded import CodesStorage
 from tensorpress.parts.kernels import KERNEL_MAX_TOKENS, PackedWeight, kernels_enabled
 from tensorpress.parts.packing import pack_bits, unpack_bits
 from tensorpress.parts.quant_math import QuantGrid, dequantize
 
 
 @register_part
-class QuantizedPart(Part):
+class QuantizedPart(CodesStorage, Part):
     kind = "quantized"
 
     def __init__(self, codes: torch.Tensor, grid: QuantGrid) -> None:
@@ -49,13 +50,14 @@ class QuantizedPart(Part):
         return torch.nn.functional.linear(x, self.dense().to(x.dtype))
 
     def nbits(self) -> int:
-        total = self.codes.numel() * self.bits + self.scales.numel() * dtype_bits(self.scales.dtype)
+        total = self.codes_nbits() + self.scales.numel() * dtype_bits(self.scales.dtype)
         if self.zeros is not None:
             total += self.zeros.numel() * self.bits
         return total
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"codes": pack_bits(self.codes, self.bits), "scales": self.scales}
+        codes, coding = self.codes_state()
+        tensors = {"codes": codes, "scales": self.scales}
         if self.zeros is not None:
             tensors["zeros"] = pack_bits(self.zeros, self.bits)
         meta = {
@@ -63,6 +65,7 @@ class QuantizedPart(Part):
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
+            **coding,
         }
         return tensors, meta
 
@@ -70,18 +73,22 @@ class QuantizedPart(Part):
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> QuantizedPart:
         out_f, in_f = meta["shape"]
         bits = int(meta["bits"])
-        codes = unpack_bits(tensors["codes"], bits, out_f * in_f).reshape(out_f, in_f)
+        codes, coded = cls.codes_from_state(tensors["codes"], meta, bits, (out_f, in_f))
         scales = tensors["scales"]
         zeros = None
         if "zeros" in tensors:
             zeros = unpack_bits(tensors["zeros"], bits, scales.numel()).reshape(scales.shape)
         grid = QuantGrid(scales, zeros, bits, meta["group_size"], bool(meta["symmetric"]))
-        return cls(codes, grid)
+        part = cls(codes, grid)
+        part._coded_codes = coded
+        return part
 
     @classmethod
     def code_bits(cls, meta: dict[str, Any]) -> dict[str, int]:
-        return {"codes": int(meta["bits"]), "zeros": int(meta["bits"])}
+        bits = int(meta["bits"])
+        return {"zeros": bits} if meta.get("codes_coding") else {"codes": bits, "zeros": bits}
 
     def describe(self) -> str:
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
-        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+        coded = " coded" if self.codes_coded else ""
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}{coded}"

@@ -110,16 +110,26 @@ static inline uint32_t dec_step(rans_dec_t *d, int l) {
     return e.sym;
 }
 
-/* Decode n symbols into sym (uint16). table has 2^P slots. Returns 0, or -1 if the stream is
- * inconsistent (see dec_finish). */
-int tp_rans_decode(const uint8_t *in, size_t len, size_t n, const slot_t *table, unsigned P, uint16_t *sym) {
+/* Decode n symbols into sym: uint16 if sym_bytes == 2, uint8 if 1 (byte codes, no copy
+ * needed afterwards). table has 2^P slots. Returns 0, or -1 if the stream is inconsistent
+ * (see dec_finish). */
+#define DECODE_LOOP(T)                                                                 \
+    do {                                                                               \
+        T *out = (T *)sym;                                                             \
+        size_t k = 0, full = n - n % LANES;                                            \
+        for (; k < full; k += LANES)                                                   \
+            for (int l = 0; l < LANES; l++) out[k + l] = (T)dec_step(&d, l);           \
+        for (int l = 0; k < n; k++, l++) out[k] = (T)dec_step(&d, l);                  \
+    } while (0)
+
+int tp_rans_decode(const uint8_t *in, size_t len, size_t n, const slot_t *table, unsigned P, void *sym,
+                   int sym_bytes) {
     rans_dec_t d;
     if (dec_init(&d, in, len, table, P)) return -1;
-    size_t k = 0;
-    size_t full = n - n % LANES;
-    for (; k < full; k += LANES)
-        for (int l = 0; l < LANES; l++) sym[k + l] = (uint16_t)dec_step(&d, l);
-    for (int l = 0; k < n; k++, l++) sym[k] = (uint16_t)dec_step(&d, l);
+    if (sym_bytes == 1)
+        DECODE_LOOP(uint8_t);
+    else
+        DECODE_LOOP(uint16_t);
     return dec_finish(&d);
 }
 
@@ -184,24 +194,40 @@ void tp_split(const uint8_t *src, size_t n, int width, int shift, int ebits, uin
     }
 }
 
+/* Rebuild n values from symbols and packed raw bits (rawbits <= 32). Inlined with constant
+ * layouts below, so that the shifts and masks are immediates. */
+static inline __attribute__((always_inline)) size_t merge_fast(const uint16_t *sym, const uint8_t *raw, size_t n, int width,
+                                                               int shift, int ebits, uint8_t *dst) {
+    const int rawbits = 8 * width - ebits;
+    const size_t rawlen = (n * (size_t)rawbits + 7) / 8;
+    const uint64_t lowmask = (1ull << shift) - 1;
+    const uint64_t rmask = (1ull << rawbits) - 1;
+    /* one unaligned 64-bit load per value while 8 bytes remain in the raw stream */
+    size_t safe = rawlen >= 8 ? ((rawlen - 8) * 8) / (size_t)rawbits : 0;
+    if (safe > n) safe = n;
+    for (size_t i = 0; i < safe; i++) {
+        size_t pos = i * (size_t)rawbits;
+        uint64_t w;
+        memcpy(&w, raw + (pos >> 3), 8);
+        uint64_t r = (w >> (pos & 7)) & rmask;
+        store_value(dst, i, width, (r & lowmask) | ((uint64_t)sym[i] << shift) | ((r >> shift) << (shift + ebits)));
+    }
+    return safe;
+}
+
 /* Inverse of tp_split: rebuild n values into dst from symbols and packed raw bits. */
 void tp_merge(const uint16_t *sym, const uint8_t *raw, size_t n, int width, int shift, int ebits, uint8_t *dst) {
     const int rawbits = 8 * width - ebits;
     const uint64_t lowmask = (1ull << shift) - 1;
-    const size_t rawlen = (n * (size_t)rawbits + 7) / 8;
     size_t i = 0;
-    if (rawbits <= 32) {
-        /* one unaligned 64-bit load per value while 8 bytes remain in the raw stream */
-        const uint64_t rmask = (1ull << rawbits) - 1;
-        for (; i < n; i++) {
-            size_t pos = i * (size_t)rawbits;
-            if ((pos >> 3) + 8 > rawlen) break;
-            uint64_t w;
-            memcpy(&w, raw + (pos >> 3), 8);
-            uint64_t r = (w >> (pos & 7)) & rmask;
-            store_value(dst, i, width, (r & lowmask) | ((uint64_t)sym[i] << shift) | ((r >> shift) << (shift + ebits)));
-        }
-    }
+    if (width == 2 && shift == 5 && ebits == 10) /* bfloat16 */
+        i = merge_fast(sym, raw, n, 2, 5, 10, dst);
+    else if (width == 2 && shift == 8 && ebits == 7) /* float16 */
+        i = merge_fast(sym, raw, n, 2, 8, 7, dst);
+    else if (width == 4 && shift == 21 && ebits == 10) /* float32 */
+        i = merge_fast(sym, raw, n, 4, 21, 10, dst);
+    else if (rawbits <= 32)
+        i = merge_fast(sym, raw, n, width, shift, ebits, dst);
     for (; i < n; i++) { /* the tail, and raw fields wider than 32 bits */
         size_t pos = i * (size_t)rawbits;
         uint64_t r = 0;
@@ -214,38 +240,4 @@ void tp_merge(const uint16_t *sym, const uint8_t *raw, size_t n, int width, int 
         }
         store_value(dst, i, width, (r & lowmask) | ((uint64_t)sym[i] << shift) | ((r >> shift) << (shift + ebits)));
     }
-}
-
-/* Raw bits of value i (rawbits <= 32) from a packed stream of rawlen bytes. */
-static inline uint64_t raw_at(const uint8_t *raw, size_t rawlen, size_t i, int rawbits) {
-    size_t pos = i * (size_t)rawbits;
-    size_t b = pos >> 3;
-    uint64_t w = 0;
-    if (b + 8 <= rawlen) {
-        memcpy(&w, raw + b, 8);
-    } else {
-        memcpy(&w, raw + b, rawlen - b);
-    }
-    return (w >> (pos & 7)) & ((1ull << rawbits) - 1);
-}
-
-/* tp_rans_decode and tp_merge in one pass, for raw fields of at most 32 bits: each value is
- * rebuilt as soon as its symbol is decoded, without an intermediate symbol buffer. */
-int tp_decode_fields(const uint8_t *in, size_t len, size_t n, const slot_t *table, unsigned P,
-                     const uint8_t *raw, int width, int shift, int ebits, uint8_t *dst) {
-    const int rawbits = 8 * width - ebits;
-    if (rawbits > 32 || rawbits < 1) return -2;
-    rans_dec_t d;
-    if (dec_init(&d, in, len, table, P)) return -1;
-    const size_t rawlen = (n * (size_t)rawbits + 7) / 8;
-    const uint64_t lowmask = (1ull << shift) - 1;
-    for (size_t k = 0; k < n; k += LANES) {
-        int m = n - k < LANES ? (int)(n - k) : LANES;
-        for (int l = 0; l < m; l++) {
-            uint64_t s = dec_step(&d, l);
-            uint64_t r = raw_at(raw, rawlen, k + l, rawbits);
-            store_value(dst, k + l, width, (r & lowmask) | (s << shift) | ((r >> shift) << (shift + ebits)));
-        }
-    }
-    return dec_finish(&d);
 }

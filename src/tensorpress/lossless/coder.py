@@ -2,8 +2,8 @@
 
 ``FrequencyTable.fit(counts)`` quantises empirical symbol counts to frequencies summing to
 ``2**precision`` (every present symbol at least 1), choosing the smallest precision whose
-expected code length is within 0.01 % of the finest one, so the decode table stays small and
-in cache. ``encode_symbols`` / ``decode_symbols`` run one chunk through the C coder; ctypes
+expected code length is within 0.1 % of the finest one, so the decode table stays small and
+in cache (measured: 12 instead of 15 bits decodes ~12 % faster for +0.1 % size). ``encode_symbols`` / ``decode_symbols`` run one chunk through the C coder; ctypes
 releases the GIL for the call, so chunks in different threads run in parallel.
 """
 
@@ -41,14 +41,12 @@ def library() -> ctypes.CDLL:
     p, size = ctypes.c_void_p, ctypes.c_size_t
     lib.tp_rans_encode.argtypes = [p, size, p, p, ctypes.c_uint, ctypes.c_uint, p, size]
     lib.tp_rans_encode.restype = ctypes.c_long
-    lib.tp_rans_decode.argtypes = [p, size, size, p, ctypes.c_uint, p]
+    lib.tp_rans_decode.argtypes = [p, size, size, p, ctypes.c_uint, p, ctypes.c_int]
     lib.tp_rans_decode.restype = ctypes.c_int
     lib.tp_split.argtypes = [p, size, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p]
     lib.tp_split.restype = None
     lib.tp_merge.argtypes = [p, p, size, ctypes.c_int, ctypes.c_int, ctypes.c_int, p]
     lib.tp_merge.restype = None
-    lib.tp_decode_fields.argtypes = [p, size, size, p, ctypes.c_uint, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, p]
-    lib.tp_decode_fields.restype = ctypes.c_int
     return lib
 
 
@@ -107,7 +105,7 @@ class FrequencyTable:
             nz = counts > 0
             costs[p] = float(-(counts[nz] * np.log2(f[nz] / (1 << p))).sum())
         best = costs[usable[-1]]
-        precision = next(p for p in usable if costs[p] <= best * 1.0001 + 1e-9)
+        precision = next(p for p in usable if costs[p] <= best * 1.001 + 1e-9)
         return cls(_quantise(counts, precision).astype(np.uint32), precision)
 
     @property
@@ -142,24 +140,16 @@ def encode_symbols(symbols: np.ndarray, table: FrequencyTable) -> bytes:
 
 def decode_symbols(data: np.ndarray, n: int, table: FrequencyTable, decode_table: np.ndarray,
                    out: np.ndarray) -> None:
-    """Decode ``n`` symbols from ``data`` (uint8 view) into ``out`` (uint16, length n)."""
-    rc = library().tp_rans_decode(_ptr(data), data.size, n, _ptr(decode_table), table.precision, _ptr(out))
+    """Decode ``n`` symbols from ``data`` (uint8 view) into ``out`` (uint16, or uint8 when every
+    symbol fits a byte; length n)."""
+    if out.dtype not in (np.uint8, np.uint16) or out.size < n or not out.flags.c_contiguous:
+        raise ValueError(f"decode_symbols writes {n} contiguous uint8/uint16 values, got {out.dtype} x {out.size}")
+    if out.dtype == np.uint8 and table.freq.size > 256:
+        raise ValueError("an alphabet wider than a byte needs a uint16 output")
+    rc = library().tp_rans_decode(_ptr(data), data.size, n, _ptr(decode_table), table.precision, _ptr(out),
+                                  out.dtype.itemsize)
     if rc != 0:
         raise CodingError("the coded stream is inconsistent (corrupt or truncated)")
-
-
-def decode_fields(data: np.ndarray, n: int, table: FrequencyTable, decode_table: np.ndarray, raw: np.ndarray,
-                  width: int, shift: int, ebits: int, out: np.ndarray) -> bool:
-    """Decode ``n`` coded fields and merge them with their raw bits into ``out`` in one pass.
-
-    Returns False (nothing done) when the raw fields are wider than the fused path handles."""
-    if 8 * width - ebits > 32:
-        return False
-    rc = library().tp_decode_fields(_ptr(data), data.size, n, _ptr(decode_table), table.precision,
-                                    _ptr(raw), width, shift, ebits, _ptr(out))
-    if rc != 0:
-        raise CodingError("the coded stream is inconsistent (corrupt or truncated)")
-    return True
 
 
 def split_fields(values: np.ndarray, width: int, shift: int, ebits: int) -> tuple[np.ndarray, np.ndarray]:

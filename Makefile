@@ -25,11 +25,19 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# Baselines of the lossless benchmark (not needed by the library or the tests); zipnn without its
+# declared dependencies, which the venv already has (and which must not move torch).
+BENCH_PACKAGES := zstandard==0.25.0
+BENCH_NODEPS   := zipnn==0.5.4
+
 bench: install
+	$(BIN)/pip install --quiet $(BENCH_PACKAGES)
+	$(BIN)/pip install --quiet --no-deps $(BENCH_NODEPS)
 	$(BIN)/python bench/quality.py --model smollm2-135m
 	$(BIN)/python bench/quality.py --model minilm-l6
 	$(BIN)/python bench/quality.py --model smollm2-135m --no-baseline --method gptq-w4g128,gptq-w3g128,awq-w3g128,spqr-w3g128,gptq-mixed-3.5 --out bench/results/quality-smollm2-135m-calibrated.json
 	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/lossless.py
 
 clean:
 	rm -rf out bench/results .pytest_cache

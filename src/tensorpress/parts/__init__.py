@@ -5,6 +5,7 @@ from tensorpress.parts.codebook import CodebookPart
 from tensorpress.parts.dense import DensePart
 from tensorpress.parts.linear import CompressedLinear
 from tensorpress.parts.lowrank import LowRankPart
+from tensorpress.parts.masked import MaskedPart
 from tensorpress.parts.quantized import QuantizedPart
 from tensorpress.parts.sparse import SparsePart
 from tensorpress.parts.quant_math import QuantGrid
@@ -15,6 +16,7 @@ __all__ = [
     "CompressedLinear",
     "DensePart",
     "LowRankPart",
+    "MaskedPart",
     "Part",
     "QuantGrid",
     "QuantizedPart",

@@ -155,3 +155,18 @@ def test_quantized_plus_lowrank_beats_quantization_alone_on_the_layer_output():
     linear = CompressedLinear(qlr)
     torch.testing.assert_close(linear(x[:5]), x[:5] @ linear.dense().T, rtol=1e-4, atol=1e-3)
     assert isinstance(DensePart(w), DensePart)
+
+
+def test_fisher_component_costs_reduce_to_half_the_energy_under_a_flat_fisher():
+    from tensorpress.methods.lowrank.lowrank_math import fisher_component_costs, hessian_root
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(12, 20, generator=g)
+    costs = fisher_component_costs(w, torch.ones(12, 20))
+    assert torch.allclose(costs, 0.5 * torch.linalg.svdvals(w.double()).square(), rtol=1e-4)
+    # a Fisher that only cares about output row 0 makes components living there the costly ones
+    fisher = torch.zeros(12, 20)
+    fisher[0] = 1.0
+    x = torch.randn(200, 20, generator=g)
+    weighted = fisher_component_costs(w, fisher, hessian_root((x.T @ x).double()))
+    assert weighted.shape == (12,) and (weighted >= 0).all() and weighted.sum() > 0

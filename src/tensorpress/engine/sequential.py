@@ -268,6 +268,18 @@ def _whole_model_stats(
     return {f"{prefix}.{i}.{rel}": st.as_dict() for i, h in hooks.items() for rel, st in h.stats.items()}
 
 
+def _fisher(lm: LoadedModel, model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, who: str) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher information of the LM loss for each module's weight, (out, in)."""
+    if not lm.causal:
+        raise RecipeError(
+            f"{who}: sensitivity 'fisher' needs a causal language model's loss; choose another "
+            "sensitivity for this model"
+        )
+    importance = fisher_diagonals(model, {n: m.weight for n, m in modules.items()}, windows)
+    # Conv1D keeps its weight as (in, out)
+    return {n: f.T if isinstance(modules[n], Conv1D) else f for n, f in importance.items()}
+
+
 def _allocate_widths(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: TokenWindows | None, batch_size: int) -> Recipe:
     """Resolve ``target_bits`` of quantizer stages into per-layer ``bits_overrides``, from the
     layers' weights and their inputs' mean squares on a few calibration windows."""
@@ -283,14 +295,7 @@ def _allocate_widths(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: T
         windows = calib.input_ids[: stage.allocation_samples]
         names = {f"{prefix}.{i}.{rel}": blocks[i].get_submodule(rel) for i, rels in per_block.items() for rel in rels}
         if stage.sensitivity == "fisher":
-            if not lm.causal:
-                raise RecipeError(
-                    f"stage {index + 1} ({stage.name}): sensitivity 'fisher' needs a causal language "
-                    "model's loss; use sensitivity: activations for this model"
-                )
-            importance = fisher_diagonals(model, {n: m.weight for n, m in names.items()}, windows)
-            # Conv1D keeps its weight as (in, out)
-            importance = {n: f.T if isinstance(names[n], Conv1D) else f for n, f in importance.items()}
+            importance = _fisher(lm, model, names, windows, f"stage {index + 1} ({stage.name})")
         else:
             stats = _whole_model_stats(lm, model, per_block, frozenset({"act_sq"}), windows, batch_size, "measuring layer sensitivities")
             importance = {name: st["act_sq"] / max(st["tokens"], 1) for name, st in stats.items()}
@@ -321,11 +326,18 @@ def _allocate_stages(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: T
             continue
         per_block = {i: _stage_linears(lm, b, f"{prefix}.{i}", stage) for i, b in enumerate(blocks)}
         stats: dict[str, dict[str, Any]] = {}
-        if stage.needs:
+        wanted = stage.allocation_stats()
+        if wanted:
             if calib is None:
                 raise CalibrationError(f"stage {index + 1} ({stage.name}): its allocation needs calibration data")
             windows = calib.input_ids[: getattr(stage, "allocation_samples", len(calib.input_ids))]
-            stats = _whole_model_stats(lm, model, per_block, stage.needs, windows, batch_size, f"statistics for the {stage.name} allocation")
+            if wanted - {"fisher"}:
+                stats = _whole_model_stats(lm, model, per_block, wanted - {"fisher"}, windows, batch_size,
+                                           f"statistics for the {stage.name} allocation")
+            if "fisher" in wanted:
+                modules = {f"{prefix}.{i}.{rel}": blocks[i].get_submodule(rel) for i, rels in per_block.items() for rel in rels}
+                for name, fisher in _fisher(lm, model, modules, windows, f"stage {index + 1} ({stage.name})").items():
+                    stats.setdefault(name, {})["fisher"] = fisher
         layers = []
         for i, rels in per_block.items():
             for rel in rels:

@@ -88,6 +88,12 @@ class MethodConfig(BaseModel):
         """True if the stage must see every selected layer (``allocate``) before compressing."""
         return False
 
+    def allocation_stats(self) -> frozenset[str]:
+        """Statistics ``allocate`` needs in each layer's ``stats``: any of ``KNOWN_STATS``, and
+        ``"fisher"`` (mean squared gradient of the causal LM loss with respect to each weight,
+        float32 (out, in), on ``allocation_samples`` windows). Default: ``needs``."""
+        return self.needs
+
     def allocate(self, layers: list[LayerInput]) -> MethodConfig:
         """A copy of this stage with per-layer settings chosen from all its layers at once
         (weights of the uncompressed model, ``needs`` statistics on ``allocation_samples``

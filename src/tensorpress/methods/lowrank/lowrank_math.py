@@ -57,3 +57,18 @@ def spectrum(w: torch.Tensor, root: tuple[torch.Tensor, torch.Tensor] | None = N
     """Singular values (float64, descending) of ``w``, or of ``w S`` with ``root``."""
     m = w.double() if root is None else w.double() @ root[0]
     return torch.linalg.svdvals(m)
+
+
+def fisher_component_costs(w: torch.Tensor, fisher: torch.Tensor, root: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Estimated LM-loss increase of dropping each SVD component of ``w`` (or of ``w S``), in
+    descending order of singular value, float64 (k,).
+
+    Component ``i`` of the decomposition contributes ``s_i u_i b_i^T`` to the weight (``b_i^T``
+    the ``i``-th row of ``V^T S^-1``); with ``F`` the diagonal Fisher information of the weight,
+    dropping it costs about ``1/2 sum_jk F_jk (s_i u_ji b_ki)^2`` (the cross terms between
+    dropped components are ignored)."""
+    m = w.double() if root is None else w.double() @ root[0]
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    b = vh if root is None else vh @ root[1]
+    spread = fisher.float() @ b.float().square().T  # (out, k): sum_k F_jk b_ik^2
+    return 0.5 * s.square() * (u.float().square() * spread).sum(0).double()

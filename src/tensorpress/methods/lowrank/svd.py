@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from tensorpress.errors import RecipeError
 from tensorpress.methods.base import LayerInput, MethodConfig, matches, register_method
-from tensorpress.methods.lowrank.lowrank_math import channel_scales, hessian_root, spectrum, truncate
+from tensorpress.methods.lowrank.lowrank_math import channel_scales, fisher_component_costs, hessian_root, spectrum, truncate
 from tensorpress.parts import DensePart, LowRankPart, Part
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,12 @@ class _Truncation(LowRankSettings):
         "greedy",
         description="with target_reduction: greedy = add rank where it removes the most relative output "
         "error per parameter (layers may stay dense); uniform = the same keep ratio everywhere",
+    )
+    sensitivity: Literal["fisher", "relative"] = Field(
+        "fisher",
+        description="greedy allocation's error measure: fisher = each dropped component's estimated LM-loss "
+        "increase (squared loss gradients on allocation_samples windows, causal models); relative = the "
+        "layer's relative output error (every layer weighted alike)",
     )
     rank_overrides: dict[str, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict, description="per-layer ranks {pattern: rank}, first match wins (filled by the allocation)"
@@ -90,6 +96,11 @@ class _Truncation(LowRankSettings):
     def wants_allocation(self) -> bool:
         return self.target_reduction is not None
 
+    def allocation_stats(self) -> frozenset[str]:
+        if self.target_reduction is not None and self.allocation == "greedy" and self.sensitivity == "fisher":
+            return self.needs | {"fisher"}
+        return self.needs
+
     def allocate(self, layers: list[LayerInput]) -> _Truncation:
         """Resolve ``target_reduction`` into ``rank_overrides`` (a layer left dense gets a rank
         at its break-even point)."""
@@ -100,26 +111,30 @@ class _Truncation(LowRankSettings):
         if self.allocation == "uniform":
             ranks = {layer.name: int((1 - self.target_reduction) * LowRankPart.break_even_rank(*layer.weight.shape)) for layer in layers}
         else:
-            ranks = _greedy_ranks(
-                {layer.name: spectrum(layer.weight, self.root(layer)).square() for layer in layers},
-                {layer.name: tuple(layer.weight.shape) for layer in layers},
-                budget,
-            )
+            if self.sensitivity == "fisher":
+                errors = {layer.name: fisher_component_costs(layer.weight, layer.stats["fisher"], self.root(layer)) for layer in layers}
+            else:  # each layer's relative output error, every layer alike
+                errors = {}
+                for layer in layers:
+                    energy = spectrum(layer.weight, self.root(layer)).square()
+                    errors[layer.name] = energy / energy.sum().clamp(min=1e-30)
+            ranks = _greedy_ranks(errors, {layer.name: tuple(layer.weight.shape) for layer in layers}, budget)
         overrides = {f"re:{name.replace('.', '[.]')}": rank for name, rank in ranks.items()}
         dense = sum(1 for layer in layers if ranks[layer.name] >= LowRankPart.break_even_rank(*layer.weight.shape))
         log.info("%s: ranks for %.0f %% fewer parameters: %d layers low-rank, %d dense", self.name, 100 * self.target_reduction, len(layers) - dense, dense)
         return self.model_copy(update={"rank_overrides": overrides, "target_reduction": None})
 
 
-def _greedy_ranks(energies: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: float) -> dict[str, int]:
-    """Ranks (in steps of ``_STEP``) that minimise the summed relative truncation error
-    ``sum_{i>r} s_i^2 / sum s_i^2`` under ``budget`` parameters; a layer reaching its break-even
-    rank becomes dense (zero error, ``in*out`` parameters)."""
+def _greedy_ranks(errors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: float) -> dict[str, int]:
+    """Ranks (in steps of ``_STEP``) that minimise the summed error of the dropped components,
+    ``sum_{i>r} errors[layer][i]`` (components in descending order of singular value), under
+    ``budget`` parameters; a layer reaching its break-even rank becomes dense (zero error,
+    ``in*out`` parameters)."""
     state = {}
     heap: list[tuple[float, str]] = []
-    for name, e in energies.items():
+    for name, e in errors.items():
         out_f, in_f = shapes[name]
-        rel = (e / e.sum().clamp(min=1e-30)).tolist()
+        rel = e.tolist()
         tail = [0.0] * (len(rel) + 1)  # tail[r] = relative error at rank r
         for i in range(len(rel) - 1, -1, -1):
             tail[i] = tail[i + 1] + rel[i]

@@ -237,6 +237,23 @@ def unpack(
 
 
 @app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="a tensorpress checkpoint (or packed) directory")],
+    output: Annotated[Path, typer.Argument(help="Hugging Face model directory to write")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
+) -> None:
+    """Write a checkpoint as a plain Hugging Face model directory (compressed linears dequantized;
+    structurally pruned models as they are, smaller).
+
+    Example: tensorpress export out/drop4 out/drop4-hf
+    """
+    from tensorpress.io import export_hf
+
+    export_hf(tp.load_compressed(checkpoint), output, overwrite=overwrite)
+    out.print(f"wrote {output} (load it with transformers' from_pretrained)")
+
+
+@app.command()
 def recipes() -> None:
     """List the built-in recipes."""
     table = Table(title="built-in recipes", header_style="bold")

@@ -32,6 +32,7 @@ from tensorpress.engine.stats import StatsHooks
 from tensorpress.errors import CalibrationError, InvalidWeightError, RecipeError
 from tensorpress.methods import LayerInput, MethodConfig
 from tensorpress.methods.quant.mixed import allocate_bits, fisher_diagonals, width_costs
+from tensorpress.methods.structural import is_structural
 from tensorpress.models import LoadedModel
 from tensorpress.parts import CompressedLinear
 from tensorpress.parts.linear import dense_weights_cached
@@ -145,6 +146,19 @@ def compress(
     start = time.perf_counter()
     model = lm.model if inplace else copy.deepcopy(lm.model)
     model.eval()
+    full_recipe = recipe
+    timings: dict[str, float] = {}
+    leading = next((i for i, s in enumerate(recipe.stages) if not is_structural(s)), len(recipe.stages))
+    if any(is_structural(s) for s in recipe.stages[leading:]):
+        raise RecipeError("structural stages (drop_blocks, prune_ffn) must come before every other stage of a recipe")
+    structural = recipe.stages[:leading]
+    if structural and calib is None:
+        raise CalibrationError(f"methods {[s.name for s in structural]} need calibration data: pass calib=tp.data.calibration(...)")
+    structure: list[dict[str, Any]] = []
+    for stage in structural:
+        with _timed(timings, "structural_seconds"):
+            structure.append({"method": stage.name, **stage.transform(lm, model, calib, batch_size)})
+    recipe = recipe.model_copy(update={"stages": recipe.stages[leading:]})
     _validate_targets(lm, model, recipe)
     needs_calib = any(stage.needs for stage in recipe.stages)  # block statistics, not only allocation
     if needs_calib and calib is None:
@@ -152,7 +166,6 @@ def compress(
         raise CalibrationError(f"methods {names} need calibration data: pass calib=tp.data.calibration(...)")
 
     calls: list[BlockCall] = []
-    timings: dict[str, float] = {}
     allocates = any(getattr(stage, "target_bits", None) is not None or stage.wants_allocation() for stage in recipe.stages)
     if allocates:
         with _timed(timings, "allocation_seconds"):
@@ -206,9 +219,11 @@ def compress(
         recipe=recipe.name,
         compression_seconds=timings["total_seconds"],
     )
+    if structure:
+        info["structure"] = structure
     compressed = LoadedModel(model, lm.tokenizer, lm.adapter, lm.spec, info)
-    used = calib.describe() if calib is not None and (needs_calib or allocates) else ""
-    return CompressionResult(compressed, recipe, layers, timings, used)
+    used = calib.describe() if calib is not None and (needs_calib or allocates or structural) else ""
+    return CompressionResult(compressed, full_recipe, layers, timings, used)
 
 
 def _true_sequential(

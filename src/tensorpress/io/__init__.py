@@ -7,5 +7,6 @@ from tensorpress.io.checkpoint import (
     read_manifest,
     save_checkpoint,
 )
+from tensorpress.io.export import export_hf
 
-__all__ = ["FORMAT_VERSION", "checkpoint_bytes", "load_checkpoint", "read_manifest", "save_checkpoint"]
+__all__ = ["FORMAT_VERSION", "export_hf", "checkpoint_bytes", "load_checkpoint", "read_manifest", "save_checkpoint"]

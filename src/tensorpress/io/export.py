@@ -1,0 +1,55 @@
+"""Export to a plain Hugging Face model directory (``save_pretrained`` + tokenizer).
+
+Structurally pruned models are ordinary ``transformers`` models and export as they are.
+Compressed linears are materialised as dense ``nn.Linear`` weights (dequantized): the export
+then loads anywhere, at the original size of those layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from tensorpress.errors import OutputExistsError
+from tensorpress.io.checkpoint import replace_dir
+from tensorpress.models import LoadedModel
+from tensorpress.parts import CompressedLinear
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``CompressedLinear`` replaced by an ``nn.Linear``."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, CompressedLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.data.copy_(module.dense())
+            if module.bias is not None:
+                linear.bias.data.copy_(module.bias.float())
+            model.set_submodule(name, linear)
+    return model
+
+
+def export_hf(lm: LoadedModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``lm`` as a Hugging Face directory that ``from_pretrained`` loads (atomic)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = dense_copy(lm.model)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, path)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

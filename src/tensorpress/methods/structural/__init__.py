@@ -1,0 +1,7 @@
+"""Structural methods: depth and width pruning that leave an ordinary, smaller model."""
+
+from tensorpress.methods.structural.base import StructuralMethod, is_structural
+from tensorpress.methods.structural.depth import DropBlocks
+from tensorpress.methods.structural.width import PruneFFN
+
+__all__ = ["DropBlocks", "PruneFFN", "StructuralMethod", "is_structural"]

@@ -1,0 +1,132 @@
+"""Structural pruning: smaller ordinary models (depth and FFN width) that reload and export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import tensorpress as tp
+from conftest import CAUSAL_ARCHS, make_tokenizer, tiny_config, tiny_model
+from tensorpress.errors import RecipeError
+from tensorpress.io import export_hf
+from tensorpress.methods.structural.width import refit_output
+from tensorpress.models import LoadedModel, adapter_for
+
+
+def _deep_llama(layers: int = 5) -> LoadedModel:
+    config = tiny_config("llama")
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    return LoadedModel(model, make_tokenizer("causal"), adapter_for("llama"), "tiny-llama-deep")
+
+
+def _recipe(*stages):
+    return tp.Recipe.model_validate({"name": "s", "stages": list(stages)})
+
+
+def _calib(lm, samples=8):
+    return tp.data.calibration(lm, source="generated", samples=samples, seq_len=48, seed=0)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("mode", ["individual", "consecutive"])
+def test_drop_blocks_gives_a_plain_smaller_model(tmp_path, mode):
+    lm = _deep_llama(5)
+    result = tp.compress(lm, _recipe({"method": "drop_blocks", "blocks": 2, "mode": mode}), _calib(lm))
+    info = result.model.info["structure"][0]
+    removed = info["removed_blocks"]
+    assert len(removed) == 2 and 4 not in removed  # the last block stays
+    if mode == "consecutive":
+        assert removed[1] == removed[0] + 1
+    model = result.model.model
+    assert model.config.num_hidden_layers == 3 and len(model.model.layers) == 3
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+    export_hf(result.model, tmp_path / "hf")
+    plain = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(3, 300, (1, 9))
+    assert torch.equal(_logits(plain, ids), _logits(model, ids))
+    cached = plain.generate(ids, max_new_tokens=6, do_sample=False)  # the KV cache indexes the renumbered layers
+    assert cached.shape == (1, 15)
+
+
+def test_drop_blocks_removes_the_block_that_changes_least():
+    lm = _deep_llama(4)
+    with torch.no_grad():  # block 1 adds (almost) nothing to the residual stream
+        lm.model.model.layers[1].self_attn.o_proj.weight.mul_(1e-4)
+        lm.model.model.layers[1].mlp.down_proj.weight.mul_(1e-4)
+    result = tp.compress(lm, _recipe({"method": "drop_blocks", "blocks": 1}), _calib(lm))
+    assert result.model.info["structure"][0]["removed_blocks"] == [1]
+
+
+def test_refit_lowers_the_output_error_and_the_bias_absorbs_the_removed_mean():
+    g = torch.Generator().manual_seed(0)
+    tokens, inter, out_f = 600, 40, 12
+    x = torch.randn(tokens, inter, generator=g) @ (torch.eye(inter) + 0.4 * torch.randn(inter, inter, generator=g))
+    x[:, 5] = 3.0  # a channel that is constant: its contribution is a bias
+    w, b = torch.randn(out_f, inter, generator=g), torch.randn(out_f, generator=g)
+    keep = torch.tensor([i for i in range(inter) if i % 3 and i != 5])
+    gram, total = (x.T @ x).double(), x.sum(0).double()
+    target = x @ w.T + b
+    errors = {}
+    for refit in (False, True):
+        new_w, new_b = refit_output(w, b, gram, total, tokens, keep, 1e-6, refit)
+        errors[refit] = (x[:, keep] @ new_w.T + new_b - target).square().mean()
+    assert errors[True] < 0.7 * errors[False]
+    w_only = torch.zeros_like(w)
+    w_only[:, 5] = w[:, 5]  # only the constant channel matters: dropping it loses nothing
+    new_w, new_b = refit_output(w_only, b, gram, total, tokens, keep, 1e-6, False)
+    assert torch.allclose(x[:, keep] @ new_w.T + new_b, x @ w_only.T + b, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+def test_prune_ffn_shrinks_every_block_and_reloads(tmp_path, arch):
+    lm = tiny_model(arch)
+    result = tp.compress(lm, _recipe({"method": "prune_ffn", "ratio": 0.3}), _calib(lm))
+    info = result.model.info["structure"][0]
+    assert info["channels_kept"] < info["channels_before"] and info["channels_kept"] % 8 == 0
+    assert sum(p.numel() for p in result.model.model.parameters()) < sum(p.numel() for p in lm.model.parameters())
+    result.save(tmp_path / "ckpt")
+    again = tp.load_compressed(tmp_path / "ckpt")
+    ids = torch.randint(3, 300, (1, 10))
+    assert torch.equal(_logits(again.model, ids), _logits(result.model.model, ids))
+    export_hf(result.model, tmp_path / "hf")
+    plain = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert torch.equal(_logits(plain, ids), _logits(result.model.model, ids))
+
+
+def test_structural_then_quantized_recipe_and_ordering(tmp_path):
+    lm = _deep_llama(3)
+    result = tp.compress(lm, _recipe({"method": "prune_ffn", "ratio": 0.25}, {"method": "rtn", "bits": 4}), _calib(lm))
+    assert result.layers and all(r.shape[0] * r.shape[1] > 0 for r in result.layers.values())
+    assert result.model.model.config.intermediate_size == 120
+    with pytest.raises(RecipeError, match="must come before"):
+        tp.compress(lm, _recipe({"method": "rtn", "bits": 4}, {"method": "drop_blocks", "blocks": 1}), _calib(lm))
+    with pytest.raises(RecipeError, match="cannot remove"):
+        tp.compress(lm, _recipe({"method": "drop_blocks", "blocks": 3}), _calib(lm))
+
+
+def test_export_of_a_quantized_model_loads_with_transformers(tmp_path):
+    lm = tiny_model("llama")
+    result = tp.compress(lm, tp.recipes.get("rtn-w4g128"))
+    export_hf(result.model, tmp_path / "hf")
+    plain = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(3, 300, (1, 8))
+    assert torch.allclose(_logits(plain, ids), _logits(result.model.model, ids), atol=1e-5)
+
+
+def test_cli_export(tmp_path):
+    from typer.testing import CliRunner
+
+    from tensorpress.cli import app
+
+    lm = _deep_llama(3)
+    tp.compress(lm, _recipe({"method": "drop_blocks", "blocks": 1}), _calib(lm)).save(tmp_path / "ckpt")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    assert T.AutoConfig.from_pretrained(tmp_path / "hf").num_hidden_layers == 2

@@ -1,7 +1,8 @@
 """Speed benchmark: prefill and decode throughput of a model as loaded, in bf16, and quantized
 with the packed int8 / int4 kernels or the dense-dequantization path.
 
-Each configuration runs in its own process (so peak RSS is its own): load, prepare, warm up,
+Structurally pruned configurations (drop-*, ffn-*) are calibrated on 64 windows of protocol P1;
+the others need no calibration. Each configuration runs in its own process (so peak RSS is its own): load, prepare, warm up,
 then ``--runs`` timed runs of a prefill (one forward over ``--prefill`` tokens) and a greedy
 decode (batch 1, ``--decode`` new tokens after a 32-token prompt). Medians are reported; ratios
 to fp32 are computed from medians measured in the same invocation.
@@ -36,7 +37,15 @@ CONFIGS = {
     "int4-dequant": ("rtn-w4g128", "float32", False),
     "int4-packed": ("rtn-w4g128", "float32", True),
     "svd-30%": ("svd-p30", "float32", False),  # low-rank parts: two thin matmuls per linear
+    # structurally pruned: ordinary smaller models (calibrated on P1's calibration windows)
+    "drop-2": ("drop-blocks-2", "float32", False),
+    "drop-4": ("drop-blocks-4", "float32", False),
+    "drop-6": ("drop-blocks-6", "float32", False),
+    "ffn-10%": ("prune-ffn-10", "float32", False),
+    "ffn-20%": ("prune-ffn-20", "float32", False),
+    "ffn-30%": ("prune-ffn-30", "float32", False),
 }
+DATA = HERE.parent.parent / "shared" / "data" / "wikitext2-valid.txt"
 
 
 def measure(args: argparse.Namespace, name: str) -> dict:
@@ -48,8 +57,12 @@ def measure(args: argparse.Namespace, name: str) -> dict:
     lm = tp.load_model(args.model)
     model = lm.model
     if recipe:
+        rec = tp.recipes.get(recipe)
+        calib = None
+        if rec.needs_calibration:  # protocol P1's calibration windows: first 60 % of the shared text
+            calib = tp.data.calibration(lm, source=DATA, samples=64, seq_len=512, seed=0)
         with progress_bars(False):
-            model = tp.compress(lm, tp.recipes.get(recipe), inplace=True).model.model
+            model = tp.compress(lm, rec, calib, inplace=True).model.model
     model = model.to(getattr(torch, dtype)).eval()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -70,6 +83,7 @@ def measure(args: argparse.Namespace, name: str) -> dict:
             assert out.shape[1] == 32 + args.decode
     return {
         "config": name, "recipe": recipe, "dtype": dtype, "packed_kernels": packed,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "prefill_tokens_per_s": args.prefill / statistics.median(prefill_s),
         "decode_tokens_per_s": args.decode / statistics.median(decode_s),
         "prefill_seconds": prefill_s, "decode_seconds": decode_s,

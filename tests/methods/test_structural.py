@@ -130,3 +130,28 @@ def test_cli_export(tmp_path):
     result = CliRunner().invoke(app, ["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
     assert result.exit_code == 0, result.output
     assert T.AutoConfig.from_pretrained(tmp_path / "hf").num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_prune_heads_removes_whole_kv_groups(tmp_path, arch):
+    lm = tiny_model(arch)  # 4 query heads in 2 KV groups
+    result = tp.compress(lm, _recipe({"method": "prune_heads", "ratio": 0.5}), _calib(lm))
+    config = result.model.model.config
+    assert (config.num_attention_heads, config.num_key_value_heads) == (2, 1)
+    attn = result.model.model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape[0] == 2 * config.head_dim and attn.k_proj.weight.shape[0] == config.head_dim
+    assert attn.o_proj.weight.shape[1] == 2 * config.head_dim
+    export_hf(result.model, tmp_path / "hf")
+    plain = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(3, 300, (1, 10))
+    assert torch.equal(_logits(plain, ids), _logits(result.model.model, ids))
+    assert plain.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 14)
+
+
+def test_prune_heads_refuses_other_families_and_impossible_ratios():
+    lm = tiny_model("gpt2")
+    with pytest.raises(RecipeError, match="Llama-family"):
+        tp.compress(lm, _recipe({"method": "prune_heads", "ratio": 0.5}), _calib(lm))
+    lm = tiny_model("llama")
+    with pytest.raises(RecipeError, match="keeps 0"):
+        tp.compress(lm, _recipe({"method": "prune_heads", "ratio": 0.9}), _calib(lm))

@@ -2,6 +2,6 @@
 
 from tensorpress.methods.structural.base import StructuralMethod, is_structural
 from tensorpress.methods.structural.depth import DropBlocks
-from tensorpress.methods.structural.width import PruneFFN
+from tensorpress.methods.structural.width import PruneFFN, PruneHeads
 
-__all__ = ["DropBlocks", "PruneFFN", "StructuralMethod", "is_structural"]
+__all__ = ["DropBlocks", "PruneFFN", "PruneHeads", "StructuralMethod", "is_structural"]

@@ -1,4 +1,7 @@
-"""``prune_ffn``: width pruning of the feed-forward intermediate channels, with a refit.
+"""Width pruning with a refit: ``prune_ffn`` (feed-forward channels) and ``prune_heads``
+(attention heads, whole KV groups so GQA stays consistent: a KV head goes with its query heads).
+
+``prune_ffn``:
 
 Block by block (each from the calibration inputs that went through the already pruned blocks):
 channel ``c`` of the FFN's intermediate layer is scored by ``||X_c|| * ||W_out[:, c]||`` (its
@@ -10,11 +13,16 @@ output on the calibration inputs stays as close as possible with the channels th
 matrix of the intermediate activations; a bias absorbs the mean of what was removed. Every
 block keeps the same number of channels (a config holds one intermediate size), rounded to a
 multiple of ``multiple_of``.
+
+``prune_heads`` (Llama family): the same walk with ``o_proj`` as the output linear; a KV group's
+score is the sum of its query heads' channel scores; q/k/v lose the group's rows, ``o_proj`` its
+columns (refit), and the config gets the new head counts and an explicit ``head_dim``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -81,24 +89,76 @@ def refit_output(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Te
     return new_w.float(), None if new_b is None else new_b.float()
 
 
-@register_method
-class PruneFFN(StructuralMethod):
-    name: ClassVar[str] = "prune_ffn"
-    summary: ClassVar[str] = "width pruning: remove the least important FFN channels of every block and refit the output projection"
+def prune_block_inputs(
+    lm: Any, model: nn.Module, calib: Any, samples: int | None, batch_size: int, out_rel: str, what: str,
+    choose: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    damp: float, refit: bool,
+) -> None:
+    """Walk the blocks with the calibration inputs (each block sees the already pruned ones);
+    in each, measure the Gram matrix of ``out_rel``'s input, let ``choose(block, w_out, gram)``
+    return the input channels of ``out_rel`` to keep and the rows to keep of other linears, slice
+    them, and refit ``out_rel`` on the kept channels."""
+    from tensorpress.engine.sequential import capture_block_inputs, run_block
+
+    windows = calib.input_ids[:samples] if samples else calib.input_ids
+    calls = capture_block_inputs(lm, model, dataclasses.replace(calib, input_ids=windows), batch_size)
+    blocks = lm.adapter.blocks(model)
+    for i, block in enumerate(track(blocks, f"pruning {what} of {len(blocks)} blocks")):
+        out_lin = block.get_submodule(out_rel)
+        width = _weight(out_lin).shape[1]
+        gram = torch.zeros(width, width, dtype=torch.float64)
+        total = torch.zeros(width, dtype=torch.float64)
+        count = [0]
+
+        def hook(_module, args, gram=gram, total=total, count=count):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            gram.addmm_(x.T, x)
+            total.add_(x.sum(0))
+            count[0] += x.shape[0]
+
+        handle = out_lin.register_forward_pre_hook(hook)
+        try:
+            run_block(block, calls)
+        finally:
+            handle.remove()
+        w_out = _weight(out_lin)
+        keep, rows = choose(block, w_out, gram)
+        bias = None if out_lin.bias is None else out_lin.bias.detach()
+        new_w, new_b = refit_output(w_out, bias, gram, total, count[0], keep, damp, refit)
+        for rel, kept_rows in rows.items():
+            _select_rows(block.get_submodule(rel), kept_rows)
+        _set_input_weight(out_lin, new_w, new_b)
+        if i + 1 < len(blocks):
+            calls = run_block(block, calls)
+
+
+def channel_scores(w_out: torch.Tensor, gram: torch.Tensor, importance: str) -> torch.Tensor:
+    """Importance of each input channel of the output linear: ``||W_out[:, c]||``, times the
+    channel's activation norm ``||X_c||`` when ``importance == "activation"``."""
+    scores = w_out.norm(dim=0)
+    return scores * torch.diagonal(gram).sqrt() if importance == "activation" else scores
+
+
+class _ChannelPruning(StructuralMethod):
     needs: ClassVar[frozenset[str]] = frozenset({"xtx"})
 
-    method: Literal["prune_ffn"] = "prune_ffn"
-    ratio: float = Field(0.2, gt=0, lt=1, description="fraction of the FFN intermediate channels removed in every block")
     refit: bool = Field(True, description="least-squares refit of the output projection on calibration activations")
     damp: float = Field(0.01, gt=0, le=1, description="ridge added to the refit's Gram matrix, relative to its mean diagonal")
-    multiple_of: int = Field(8, ge=1, description="keep a multiple of this many channels")
     importance: Literal["activation", "magnitude"] = Field(
         "activation", description="activation = ||X_c|| * ||W_out[:, c]||; magnitude = ||W_out[:, c]|| only"
     )
 
-    def transform(self, lm: Any, model: nn.Module, calib: Any, batch_size: int) -> dict[str, Any]:
-        from tensorpress.engine.sequential import capture_block_inputs, run_block
 
+@register_method
+class PruneFFN(_ChannelPruning):
+    name: ClassVar[str] = "prune_ffn"
+    summary: ClassVar[str] = "width pruning: remove the least important FFN channels of every block and refit the output projection"
+
+    method: Literal["prune_ffn"] = "prune_ffn"
+    ratio: float = Field(0.2, gt=0, lt=1, description="fraction of the FFN intermediate channels removed in every block")
+    multiple_of: int = Field(8, ge=1, description="keep a multiple of this many channels")
+
+    def transform(self, lm: Any, model: nn.Module, calib: Any, batch_size: int) -> dict[str, Any]:
         adapter = lm.adapter
         in_rels, out_rels = adapter.linear_groups[2], adapter.linear_groups[3]
         if len(out_rels) != 1:
@@ -106,44 +166,58 @@ class PruneFFN(StructuralMethod):
         size_key = next((k for k in _SIZE_KEYS if hasattr(model.config, k)), None)
         if size_key is None:
             raise RecipeError(f"prune_ffn: {model.config.model_type} config has none of {_SIZE_KEYS}")
-        blocks = adapter.blocks(model)
-        first_out = blocks[0].get_submodule(out_rels[0])
-        inter = _weight(first_out).shape[1]
+        inter = _weight(adapter.blocks(model)[0].get_submodule(out_rels[0])).shape[1]
         keep_n = max(self.multiple_of, round((1 - self.ratio) * inter / self.multiple_of) * self.multiple_of)
         if keep_n >= inter:
             raise RecipeError(f"prune_ffn: ratio {self.ratio} keeps all {inter} channels (multiple_of {self.multiple_of})")
-        windows = calib.input_ids[: self.samples] if self.samples else calib.input_ids
-        calls = capture_block_inputs(lm, model, dataclasses.replace(calib, input_ids=windows), batch_size)
-        errors = []
-        for i, block in enumerate(track(blocks, f"pruning FFN channels of {len(blocks)} blocks")):
-            out_lin = block.get_submodule(out_rels[0])
-            gram = torch.zeros(inter, inter, dtype=torch.float64)
-            total = torch.zeros(inter, dtype=torch.float64)
-            count = [0]
+        shares = []
 
-            def hook(_module, args, gram=gram, total=total, count=count):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                gram.addmm_(x.T, x)
-                total.add_(x.sum(0))
-                count[0] += x.shape[0]
-
-            handle = out_lin.register_forward_pre_hook(hook)
-            try:
-                run_block(block, calls)
-            finally:
-                handle.remove()
-            w_out = _weight(out_lin)
-            scores = w_out.norm(dim=0)
-            if self.importance == "activation":
-                scores = scores * torch.diagonal(gram).sqrt()
+        def choose(block, w_out, gram):
+            scores = channel_scores(w_out, gram, self.importance)
             keep = torch.sort(torch.argsort(scores, descending=True)[:keep_n]).values
-            bias = None if out_lin.bias is None else out_lin.bias.detach()
-            new_w, new_b = refit_output(w_out, bias, gram, total, count[0], keep, self.damp, self.refit)
-            for rel in in_rels:
-                _select_rows(block.get_submodule(rel), keep)
-            _set_input_weight(out_lin, new_w, new_b)
-            errors.append(float(scores[keep].sum() / scores.sum()))
-            if i + 1 < len(blocks):
-                calls = run_block(block, calls)
+            shares.append(round(float(scores[keep].sum() / scores.sum()), 4))
+            return keep, {rel: keep for rel in in_rels}
+
+        prune_block_inputs(lm, model, calib, self.samples, batch_size, out_rels[0], "FFN channels", choose, self.damp, self.refit)
         setattr(model.config, size_key, keep_n)
-        return {"channels_kept": keep_n, "channels_before": inter, "score_share_kept": [round(e, 4) for e in errors]}
+        return {"channels_kept": keep_n, "channels_before": inter, "score_share_kept": shares}
+
+
+@register_method
+class PruneHeads(_ChannelPruning):
+    name: ClassVar[str] = "prune_heads"
+    summary: ClassVar[str] = "width pruning of attention: remove whole KV groups (a KV head with its query heads) and refit o_proj"
+
+    method: Literal["prune_heads"] = "prune_heads"
+    ratio: float = Field(0.25, gt=0, lt=1, description="fraction of the KV groups (and so of the query heads) removed in every block")
+
+    def transform(self, lm: Any, model: nn.Module, calib: Any, batch_size: int) -> dict[str, Any]:
+        config = model.config
+        rels = lm.adapter.linear_groups[0]
+        if lm.adapter.family != "llama" or len(rels) != 3:
+            raise RecipeError(f"prune_heads supports Llama-family models (separate q/k/v, explicit head_dim); not {config.model_type}")
+        q_rel, k_rel, v_rel = rels
+        (o_rel,) = lm.adapter.linear_groups[1]
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        per_group = heads // kv_heads
+        keep_groups = round((1 - self.ratio) * kv_heads)
+        if not 1 <= keep_groups < kv_heads:
+            raise RecipeError(f"prune_heads: ratio {self.ratio} of {kv_heads} KV groups keeps {keep_groups}; need at least 1 and fewer than all")
+        removed = []
+
+        def choose(block, w_out, gram):
+            scores = channel_scores(w_out, gram, self.importance).reshape(kv_heads, per_group * head_dim).sum(1)
+            groups = torch.sort(torch.argsort(scores, descending=True)[:keep_groups]).values
+            removed.append(sorted(set(range(kv_heads)) - set(groups.tolist())))
+            q_channels = torch.cat([torch.arange(g * per_group * head_dim, (g + 1) * per_group * head_dim) for g in groups.tolist()])
+            kv_channels = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in groups.tolist()])
+            return q_channels, {q_rel: q_channels, k_rel: kv_channels, v_rel: kv_channels}
+
+        prune_block_inputs(lm, model, calib, self.samples, batch_size, o_rel, "attention heads", choose, self.damp, self.refit)
+        config.num_attention_heads = keep_groups * per_group
+        config.num_key_value_heads = keep_groups
+        config.head_dim = head_dim
+        return {"kv_groups_kept": keep_groups, "kv_groups_before": kv_heads, "query_heads_kept": keep_groups * per_group,
+                "removed_kv_groups": removed}

@@ -223,7 +223,9 @@ def compress(
         info["structure"] = structure
     compressed = LoadedModel(model, lm.tokenizer, lm.adapter, lm.spec, info)
     used = calib.describe() if calib is not None and (needs_calib or allocates or structural) else ""
-    return CompressionResult(compressed, full_recipe, layers, timings, used)
+    # the recipe as run: structural stages, then the others with their allocations resolved
+    resolved = full_recipe.model_copy(update={"stages": [*structural, *recipe.stages]})
+    return CompressionResult(compressed, resolved, layers, timings, used)
 
 
 def _true_sequential(

@@ -1,7 +1,7 @@
 """Speed benchmark: prefill and decode throughput of a model as loaded, in bf16, and quantized
 with the packed int8 / int4 kernels or the dense-dequantization path.
 
-Structurally pruned configurations (drop-*, ffn-*) are calibrated on 64 windows of protocol P1;
+Structurally pruned configurations (drop-*, ffn-*, heads-*, slice-*) are calibrated on 64 windows of protocol P1;
 the others need no calibration. Each configuration runs in its own process (so peak RSS is its own): load, prepare, warm up,
 then ``--runs`` timed runs of a prefill (one forward over ``--prefill`` tokens) and a greedy
 decode (batch 1, ``--decode`` new tokens after a 32-token prompt). Medians are reported; ratios
@@ -44,6 +44,10 @@ CONFIGS = {
     "ffn-10%": ("prune-ffn-10", "float32", False),
     "ffn-20%": ("prune-ffn-20", "float32", False),
     "ffn-30%": ("prune-ffn-30", "float32", False),
+    "heads-33%": ("prune-heads-33", "float32", False),
+    "slice-10%": ("slicegpt-10", "float32", False),
+    "slice-20%": ("slicegpt-20", "float32", False),
+    "slice-25%": ("slicegpt-25", "float32", False),
 }
 DATA = HERE.parent.parent / "shared" / "data" / "wikitext2-valid.txt"
 

@@ -155,3 +155,29 @@ def test_prune_heads_refuses_other_families_and_impossible_ratios():
     lm = tiny_model("llama")
     with pytest.raises(RecipeError, match="keeps 0"):
         tp.compress(lm, _recipe({"method": "prune_heads", "ratio": 0.9}), _calib(lm))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_slicegpt_rotation_alone_leaves_the_output_unchanged(arch):
+    lm = tiny_model(arch)
+    result = tp.compress(lm, _recipe({"method": "slicegpt", "slicing": 0.0}), _calib(lm))
+    assert result.model.info["structure"][0]["hidden_after"] == 64
+    ids = torch.randint(3, 300, (2, 12))
+    assert torch.allclose(_logits(result.model.model, ids), _logits(lm.model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_slicegpt_slices_the_stream_and_exports(tmp_path):
+    lm = tiny_model("llama")
+    result = tp.compress(lm, _recipe({"method": "slicegpt", "slicing": 0.25}), _calib(lm))
+    info = result.model.info["structure"][0]
+    assert info["hidden_after"] == 48 and 0 < info["variance_kept"] < 1
+    model = result.model.model
+    assert model.config.hidden_size == 48 and model.get_input_embeddings().weight.shape == (320, 48)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in lm.model.parameters()) + 320 * 64  # head untied
+    export_hf(result.model, tmp_path / "hf")
+    plain = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(3, 300, (1, 10))
+    assert torch.equal(_logits(plain, ids), _logits(model, ids))
+    with pytest.raises(RecipeError, match="Llama-family"):
+        gpt2 = tiny_model("gpt2")
+        tp.compress(gpt2, _recipe({"method": "slicegpt", "slicing": 0.25}), _calib(gpt2))

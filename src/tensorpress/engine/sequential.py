@@ -150,7 +150,7 @@ def compress(
     timings: dict[str, float] = {}
     leading = next((i for i, s in enumerate(recipe.stages) if not is_structural(s)), len(recipe.stages))
     if any(is_structural(s) for s in recipe.stages[leading:]):
-        raise RecipeError("structural stages (drop_blocks, prune_ffn, prune_heads) must come before every other stage of a recipe")
+        raise RecipeError("structural stages (drop_blocks, prune_ffn, prune_heads, slicegpt) must come before every other stage of a recipe")
     structural = recipe.stages[:leading]
     if structural and calib is None:
         raise CalibrationError(f"methods {[s.name for s in structural]} need calibration data: pass calib=tp.data.calibration(...)")

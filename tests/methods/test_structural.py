@@ -181,3 +181,32 @@ def test_slicegpt_slices_the_stream_and_exports(tmp_path):
     with pytest.raises(RecipeError, match="Llama-family"):
         gpt2 = tiny_model("gpt2")
         tp.compress(gpt2, _recipe({"method": "slicegpt", "slicing": 0.25}), _calib(gpt2))
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_trim_vocab_keeps_the_corpus_tokenization_and_its_logits(tmp_path, arch, text_path):
+    lm = tiny_model(arch)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the model compresses weights while the engine walks every block", encoding="utf-8")
+    calib = tp.data.calibration(lm, source=text_path, samples=2, seq_len=16, seed=0)
+    result = tp.compress(lm, _recipe({"method": "trim_vocab", "corpus": str(corpus)}), calib)
+    info = result.model.info["structure"][0]
+    assert info["vocab_after"] < info["vocab_before"] == 320
+    new_tok, old_tok = result.model.tokenizer, lm.tokenizer
+    text = corpus.read_text()
+    old_ids, new_ids = old_tok(text)["input_ids"], new_tok(text)["input_ids"]
+    assert [old_tok.convert_ids_to_tokens(i) for i in old_ids] == [new_tok.convert_ids_to_tokens(i) for i in new_ids]
+    keep = torch.tensor([old_tok.convert_tokens_to_ids(new_tok.convert_ids_to_tokens(i)) for i in range(info["vocab_after"])])
+    with torch.no_grad():
+        if arch == "bert":
+            a = result.model.model(input_ids=torch.tensor([new_ids])).last_hidden_state
+            b = lm.model(input_ids=torch.tensor([old_ids])).last_hidden_state
+            assert torch.allclose(a, b, atol=1e-5)
+        else:
+            a = _logits(result.model.model, torch.tensor([new_ids]))
+            b = _logits(lm.model, torch.tensor([old_ids]))[..., keep]
+            assert torch.allclose(a, b, atol=1e-5)
+    assert new_tok.decode(new_tok("unseen words still encode")["input_ids"]).strip() == "unseen words still encode" or arch == "bert"
+    result.save(tmp_path / "ckpt")
+    again = tp.load_compressed(tmp_path / "ckpt")
+    assert again.tokenizer(text)["input_ids"] == new_ids

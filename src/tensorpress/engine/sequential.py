@@ -150,14 +150,17 @@ def compress(
     timings: dict[str, float] = {}
     leading = next((i for i, s in enumerate(recipe.stages) if not is_structural(s)), len(recipe.stages))
     if any(is_structural(s) for s in recipe.stages[leading:]):
-        raise RecipeError("structural stages (drop_blocks, prune_ffn, prune_heads, slicegpt) must come before every other stage of a recipe")
+        raise RecipeError("structural stages (drop_blocks, prune_ffn, prune_heads, slicegpt, trim_vocab) must come before every other stage of a recipe")
     structural = recipe.stages[:leading]
     if structural and calib is None:
         raise CalibrationError(f"methods {[s.name for s in structural]} need calibration data: pass calib=tp.data.calibration(...)")
     structure: list[dict[str, Any]] = []
+    tokenizer = lm.tokenizer
     for stage in structural:
         with _timed(timings, "structural_seconds"):
-            structure.append({"method": stage.name, **stage.transform(lm, model, calib, batch_size)})
+            done = stage.transform(lm, model, calib, batch_size)
+        tokenizer = done.pop("tokenizer", tokenizer)  # trim_vocab remaps the tokenizer
+        structure.append({"method": stage.name, **done})
     recipe = recipe.model_copy(update={"stages": recipe.stages[leading:]})
     _validate_targets(lm, model, recipe)
     needs_calib = any(stage.needs for stage in recipe.stages)  # block statistics, not only allocation
@@ -221,7 +224,7 @@ def compress(
     )
     if structure:
         info["structure"] = structure
-    compressed = LoadedModel(model, lm.tokenizer, lm.adapter, lm.spec, info)
+    compressed = LoadedModel(model, tokenizer, lm.adapter, lm.spec, info)
     used = calib.describe() if calib is not None and (needs_calib or allocates or structural) else ""
     # the recipe as run: structural stages, then the others with their allocations resolved
     resolved = full_recipe.model_copy(update={"stages": [*structural, *recipe.stages]})

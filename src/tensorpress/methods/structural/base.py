@@ -25,7 +25,8 @@ class StructuralMethod(MethodConfig):
 
     def transform(self, lm: Any, model: nn.Module, calib: Any, batch_size: int) -> dict[str, Any]:
         """Rewrite ``model`` (the compression copy of ``lm.model``) in place; returns what was
-        done, for the report (e.g. which blocks were removed)."""
+        done, for the report (e.g. which blocks were removed). A ``"tokenizer"`` entry replaces
+        the result's tokenizer (``trim_vocab``)."""
         raise NotImplementedError
 
     def apply(self, layer: LayerInput) -> list[Part]:  # pragma: no cover - never called per linear

@@ -241,3 +241,25 @@ void tp_merge(const uint16_t *sym, const uint8_t *raw, size_t n, int width, int 
         store_value(dst, i, width, (r & lowmask) | ((uint64_t)sym[i] << shift) | ((r >> shift) << (shift + ebits)));
     }
 }
+
+/* Decode n coded fields and merge them with their raw bits into dst, in blocks of BLOCK values
+ * whose symbols stay in L1 between the two steps (no chunk-sized symbol buffer). */
+#define BLOCK 1024
+int tp_decode_merge(const uint8_t *in, size_t len, size_t n, const slot_t *table, unsigned P,
+                    const uint8_t *raw, int width, int shift, int ebits, uint8_t *dst) {
+    const int rawbits = 8 * width - ebits;
+    rans_dec_t d;
+    if (dec_init(&d, in, len, table, P)) return -1;
+    uint16_t sym[BLOCK];
+    for (size_t base = 0; base < n; base += BLOCK) {
+        size_t m = n - base < BLOCK ? n - base : BLOCK;
+        size_t k = 0;
+        /* lanes continue across blocks: value i always belongs to lane i % LANES */
+        for (; k + LANES <= m; k += LANES)
+            for (int l = 0; l < LANES; l++) sym[k + l] = (uint16_t)dec_step(&d, l);
+        for (int l = 0; k < m; k++, l++) sym[k] = (uint16_t)dec_step(&d, l);
+        /* raw bits of this block start at bit base*rawbits: byte-aligned since BLOCK % 8 == 0 */
+        tp_merge(sym, raw + (base * (size_t)rawbits) / 8, m, width, shift, ebits, dst + base * (size_t)width);
+    }
+    return dec_finish(&d);
+}

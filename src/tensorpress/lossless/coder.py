@@ -47,6 +47,8 @@ def library() -> ctypes.CDLL:
     lib.tp_split.restype = None
     lib.tp_merge.argtypes = [p, p, size, ctypes.c_int, ctypes.c_int, ctypes.c_int, p]
     lib.tp_merge.restype = None
+    lib.tp_decode_merge.argtypes = [p, size, size, p, ctypes.c_uint, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, p]
+    lib.tp_decode_merge.restype = ctypes.c_int
     return lib
 
 
@@ -148,6 +150,18 @@ def decode_symbols(data: np.ndarray, n: int, table: FrequencyTable, decode_table
         raise ValueError("an alphabet wider than a byte needs a uint16 output")
     rc = library().tp_rans_decode(_ptr(data), data.size, n, _ptr(decode_table), table.precision, _ptr(out),
                                   out.dtype.itemsize)
+    if rc != 0:
+        raise CodingError("the coded stream is inconsistent (corrupt or truncated)")
+
+
+def decode_merge(data: np.ndarray, n: int, table: FrequencyTable, decode_table: np.ndarray, raw: np.ndarray,
+                 width: int, shift: int, ebits: int, out: np.ndarray) -> None:
+    """Decode ``n`` coded fields and merge them with their raw bits into ``out`` (uint8,
+    ``n * width`` bytes), block by block in cache: :func:`decode_symbols` + :func:`merge_fields`."""
+    if out.size < n * width or raw.size < (n * (8 * width - ebits) + 7) // 8:
+        raise ValueError("output or raw buffer too small")
+    rc = library().tp_decode_merge(_ptr(data), data.size, n, _ptr(decode_table), table.precision,
+                                   _ptr(raw), width, shift, ebits, _ptr(out))
     if rc != 0:
         raise CodingError("the coded stream is inconsistent (corrupt or truncated)")
 

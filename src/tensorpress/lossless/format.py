@@ -40,10 +40,10 @@ import torch
 from tensorpress.errors import CodingError
 from tensorpress.lossless.coder import (
     FrequencyTable,
+    decode_merge,
     decode_symbols,
     encode_symbols,
     entropy_bits,
-    merge_fields,
     split_fields,
 )
 
@@ -261,9 +261,7 @@ def decode(blob: bytes | bytearray | memoryview) -> torch.Tensor:
             raise CodingError(f"chunk {i} of {nchunks}: checksum mismatch (corrupt data)")
         target = out[i * chunk * width:(i * chunk + count) * width]
         if codec == FIELDS:
-            symbols = np.empty(count, dtype=np.uint16)
-            decode_symbols(piece[:coded_len], count, table, dtable, symbols)
-            merge_fields(symbols, piece[coded_len:], width, shift, ebits, target)
+            decode_merge(piece[:coded_len], count, table, dtable, piece[coded_len:], width, shift, ebits, target)
         else:
             decode_symbols(piece[:coded_len], count, table, dtable, target)
 

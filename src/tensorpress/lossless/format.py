@@ -49,8 +49,9 @@ from tensorpress.lossless.coder import (
 
 MAGIC = b"TPLC"
 VERSION = 1
-CHUNK = 1 << 16  # values per independently coded chunk: small enough that a 384 x 384 tensor
-# decodes on several threads, large enough that the per-chunk cost (40 bytes, one task) is noise
+CHUNK = 1 << 18  # values per independently coded chunk: small enough that a 384 x 1536 tensor
+# decodes on both threads, large enough that the per-chunk cost (48 bytes, one task) is noise
+# (measured on minilm-l6 bf16: 2^18 decodes ~10 % faster than 2^16)
 RAW, FIELDS, SYMBOLS = 0, 1, 2
 
 # dtype code in the header -> torch dtype; codes are part of the format, never renumber

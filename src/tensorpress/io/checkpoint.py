@@ -164,27 +164,34 @@ def save_checkpoint(
     return path
 
 
+def load_manifest(path: Path, name: str, fmt: str, max_version: int, what: str) -> dict[str, Any]:
+    """The JSON manifest ``path/name`` after checking its ``format`` and ``format_version``
+    (``what`` names the kind of directory in the errors)."""
+    mpath = path / name
+    if not mpath.is_file():
+        raise CheckpointError(f"{path} is not a {what}: {name} is missing")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{mpath} is corrupt: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{mpath} is not a {fmt} manifest (format {found!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > max_version:
+        raise CheckpointError(
+            f"{path} has {what} format version {version!r}, newer than this tensorpress "
+            f"{__version__} reads (up to {max_version}); upgrade tensorpress to load it"
+        )
+    return manifest
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a checkpoint, after checking format and version."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path} is not a directory")
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise CheckpointError(f"{path} is not a tensorpress checkpoint: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{mpath} is corrupt: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath} is not a tensorpress manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format version {version!r}, newer than this tensorpress "
-            f"{__version__} reads (up to {FORMAT_VERSION}); upgrade tensorpress to load it"
-        )
-    return manifest
+    return load_manifest(path, MANIFEST, FORMAT, FORMAT_VERSION, "tensorpress checkpoint")
 
 
 def verify_files(path: Path, manifest: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from tensorpress import __version__
 from tensorpress.errors import CheckpointError, CodingError, ModelNotFoundError, OutputExistsError
-from tensorpress.io.checkpoint import replace_dir, sha256_file
+from tensorpress.io.checkpoint import load_manifest, replace_dir, sha256_file
 from tensorpress.lossless.format import CodingStats, decode, encode_with_stats
 from tensorpress.parts.packing import pack_bits, unpack_bits
 from tensorpress.progress import track
@@ -229,20 +229,8 @@ def is_packed(path: str | os.PathLike) -> bool:
 
 
 def read_pack_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    mpath = path / PACK_MANIFEST
-    if not mpath.is_file():
-        raise CheckpointError(f"{path} is not a packed model: {PACK_MANIFEST} is missing")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{mpath} is corrupt: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
-        raise CheckpointError(f"{mpath} is not a tensorpress lossless manifest")
-    if not isinstance(manifest.get("format_version"), int) or manifest["format_version"] > PACK_VERSION:
-        raise CheckpointError(f"{path}: lossless format version {manifest.get('format_version')!r} is newer than "
-                              f"this tensorpress reads ({PACK_VERSION})")
-    return manifest
+    """``lossless.json`` of a packed directory, after checking format and version."""
+    return load_manifest(Path(path), PACK_MANIFEST, PACK_FORMAT, PACK_VERSION, "packed model")
 
 
 def _check_stored(path: Path, rel: str, entry: dict[str, Any]) -> Path:
@@ -262,15 +250,14 @@ def verify_copied_files(path: Path, manifest: dict[str, Any]) -> None:
             _check_stored(path, rel, entry)
 
 
-def read_tensors(path: str | os.PathLike, rel: str, manifest: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """Decode the tensors of one original safetensors file ``rel`` of a packed directory."""
-    path = Path(path)
-    manifest = manifest or read_pack_manifest(path)
+def _decode_file(path: Path, rel: str, manifest: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """The tensors of one packed weights file and its safetensors metadata (file checked by
+    sha256 first, every tensor by sha256 after decoding)."""
     entry = manifest["files"].get(rel)
     if entry is None or "tensors" not in entry:
         raise CheckpointError(f"{path}: {rel} is not a packed weights file of this directory")
     stored = _check_stored(path, rel, entry)
-    index, _, payload = _read_container(stored)
+    index, metadata, payload = _read_container(stored)
     tensors: dict[str, torch.Tensor] = {}
     for item in index:
         name = item["name"]
@@ -288,7 +275,13 @@ def read_tensors(path: str | os.PathLike, rel: str, manifest: dict[str, Any] | N
         tensors[name] = t
     if set(tensors) != set(entry["tensors"]):
         raise CodingError(f"{stored}: tensors {sorted(set(entry['tensors']) - set(tensors))[:5]} are missing")
-    return tensors
+    return tensors, metadata
+
+
+def read_tensors(path: str | os.PathLike, rel: str, manifest: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Decode the tensors of one original safetensors file ``rel`` of a packed directory."""
+    path = Path(path)
+    return _decode_file(path, rel, manifest or read_pack_manifest(path))[0]
 
 
 def unpack(packed: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> dict[str, bool]:
@@ -308,9 +301,8 @@ def unpack(packed: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             if "tensors" in entry:
-                stored = _check_stored(packed, rel, entry)
-                _, metadata, _ = _read_container(stored)
-                save_file(read_tensors(packed, rel, manifest), str(target), metadata=metadata)
+                tensors, metadata = _decode_file(packed, rel, manifest)
+                save_file(tensors, str(target), metadata=metadata)
                 identical[rel] = sha256_file(target) == entry["sha256"]
             else:
                 shutil.copy2(_check_stored(packed, rel, entry), target)

@@ -17,9 +17,8 @@ from typing import Any
 import torch
 
 from tensorpress.parts.base import Part, dtype_bits, register_part
-from tensorpress.parts.packing import pack_bits, unpack_bits
+from tensorpress.parts.packing import pack_bits, pack_wide, unpack_bits, unpack_wide
 from tensorpress.parts.quant_math import QuantGrid, dequantize
-from tensorpress.parts.sparse import _pack_wide, _unpack_wide
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
@@ -144,7 +143,7 @@ class MaskedPart(Part):
         if self.pattern is None:
             tensors = {"mask": pack_bits(self.mask.reshape(-1).to(torch.uint8), 1)}
         else:
-            tensors = {"mask": _pack_wide(encode_nm(self.mask, *self.pattern).reshape(-1), nm_index_bits(*self.pattern))}
+            tensors = {"mask": pack_wide(encode_nm(self.mask, *self.pattern).reshape(-1), nm_index_bits(*self.pattern))}
         if self.values is not None:
             tensors["values"] = self.values[self.mask]
         else:
@@ -165,7 +164,7 @@ class MaskedPart(Part):
         else:
             n, m = pattern
             count = out_f * (in_f // m)
-            mask = decode_nm(_unpack_wide(tensors["mask"], nm_index_bits(n, m), count), n, m, (out_f, in_f))
+            mask = decode_nm(unpack_wide(tensors["mask"], nm_index_bits(n, m), count), n, m, (out_f, in_f))
         kept = int(mask.sum())
         if "values" in tensors:
             if tensors["values"].numel() != kept:

@@ -43,3 +43,15 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     stream = np.unpackbits(raw, bitorder="little", count=n * bits).reshape(n, bits)
     weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
     return torch.from_numpy((stream.astype(np.uint16) @ weights).astype(np.uint8))
+
+
+def pack_wide(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integers of up to 24 bits as a little-endian bit stream."""
+    v = values.to(torch.int64)
+    bit_cols = torch.stack([(v >> b) & 1 for b in range(bits)], dim=1).to(torch.uint8)  # (n, bits)
+    return pack_bits(bit_cols.reshape(-1), 1)
+
+
+def unpack_wide(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    bit_cols = unpack_bits(packed, 1, n * bits).reshape(n, bits).to(torch.int64)
+    return (bit_cols << torch.arange(bits)).sum(dim=1)

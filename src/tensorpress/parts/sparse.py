@@ -12,24 +12,12 @@ from typing import Any
 import torch
 
 from tensorpress.parts.base import Part, dtype_bits, register_part
-from tensorpress.parts.packing import pack_bits, unpack_bits
+from tensorpress.parts.packing import pack_wide, unpack_wide
 
 
 def _bits_for(n: int) -> int:
     """Bits to write any integer in ``[0, n)``."""
     return max(1, (n - 1).bit_length())
-
-
-def _pack_wide(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers of up to 24 bits as a little-endian bit stream."""
-    v = values.to(torch.int64)
-    bit_cols = torch.stack([(v >> b) & 1 for b in range(bits)], dim=1).to(torch.uint8)  # (n, bits)
-    return pack_bits(bit_cols.reshape(-1), 1)
-
-
-def _unpack_wide(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    bit_cols = unpack_bits(packed, 1, n * bits).reshape(n, bits).to(torch.int64)
-    return (bit_cols << torch.arange(bits)).sum(dim=1)
 
 
 @register_part
@@ -66,8 +54,8 @@ class SparsePart(Part):
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         counts = torch.bincount(self.rows.long(), minlength=self.out_features)
         tensors = {
-            "counts": _pack_wide(counts, _bits_for(self.in_features + 1)),
-            "cols": _pack_wide(self.cols, _bits_for(self.in_features)),
+            "counts": pack_wide(counts, _bits_for(self.in_features + 1)),
+            "cols": pack_wide(self.cols, _bits_for(self.in_features)),
             "values": self.values,
         }
         return tensors, {"shape": list(self.shape), "nnz": self.nnz}
@@ -75,8 +63,8 @@ class SparsePart(Part):
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> SparsePart:
         out_f, in_f = meta["shape"]
-        counts = _unpack_wide(tensors["counts"], _bits_for(in_f + 1), out_f)
-        cols = _unpack_wide(tensors["cols"], _bits_for(in_f), int(meta["nnz"]))
+        counts = unpack_wide(tensors["counts"], _bits_for(in_f + 1), out_f)
+        cols = unpack_wide(tensors["cols"], _bits_for(in_f), int(meta["nnz"]))
         rows = torch.repeat_interleave(torch.arange(out_f), counts)
         return cls((out_f, in_f), rows, cols, tensors["values"])
 

@@ -8,6 +8,7 @@ from its own calibration statistics.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -22,6 +23,10 @@ class StructuralMethod(MethodConfig):
     calibrated: ClassVar[bool] = True  # whether transform needs calibration windows
 
     samples: int | None = Field(None, ge=1, description="calibration windows used (default: all that are given)")
+
+    def windows(self, calib: Any) -> Any:
+        """The calibration windows this stage uses: the first ``samples`` of ``calib``."""
+        return dataclasses.replace(calib, input_ids=calib.input_ids[: self.samples]) if self.samples else calib
 
     def transform(self, lm: Any, model: nn.Module, calib: Any, batch_size: int) -> dict[str, Any]:
         """Rewrite ``model`` (the compression copy of ``lm.model``) in place; returns what was

@@ -81,7 +81,7 @@ class DropBlocks(StructuralMethod):
         n_blocks = len(lm.adapter.blocks(model))
         if self.blocks >= n_blocks:
             raise RecipeError(f"drop_blocks: cannot remove {self.blocks} of the model's {n_blocks} blocks (the last one stays)")
-        windows = calib.input_ids[: self.samples] if self.samples else calib.input_ids
+        windows = self.windows(calib).input_ids
         candidates = n_blocks - 1  # the last block's output is only seen after the final norm
         if self.mode == "individual":
             distance = block_distances(model, windows, batch_size, 1)

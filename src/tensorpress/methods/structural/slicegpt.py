@@ -112,7 +112,7 @@ class SliceGPT(StructuralMethod):
         d = config.hidden_size
         k = d if self.slicing == 0 else max(self.multiple_of, round((1 - self.slicing) * d / self.multiple_of) * self.multiple_of)
         blocks = lm.adapter.blocks(model)
-        windows = calib.input_ids[: self.samples] if self.samples else calib.input_ids
+        windows = self.windows(calib).input_ids
         fold_norms(model, blocks)
         cov = residual_covariance(model, windows, batch_size)  # the stream is unchanged by folding
         evals, evecs = torch.linalg.eigh(cov)

@@ -21,7 +21,6 @@ columns (refit), and the config gets the new head counts and an explicit ``head_
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -62,10 +61,6 @@ def _set_input_weight(module: nn.Module, weight: torch.Tensor, bias: torch.Tenso
         module.bias = nn.Parameter(bias.to(dtype))
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
-    return (module.weight.T if isinstance(module, Conv1D) else module.weight).detach().double()
-
-
 def refit_output(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, total: torch.Tensor, tokens: int,
                  keep: torch.Tensor, damp: float, refit: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """New ``(weight, bias)`` of the output linear using only input channels ``keep``.
@@ -90,7 +85,7 @@ def refit_output(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Te
 
 
 def prune_block_inputs(
-    lm: Any, model: nn.Module, calib: Any, samples: int | None, batch_size: int, out_rel: str, what: str,
+    lm: Any, model: nn.Module, calib: Any, batch_size: int, out_rel: str, what: str,
     choose: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
     damp: float, refit: bool,
 ) -> None:
@@ -98,14 +93,14 @@ def prune_block_inputs(
     in each, measure the Gram matrix of ``out_rel``'s input, let ``choose(block, w_out, gram)``
     return the input channels of ``out_rel`` to keep and the rows to keep of other linears, slice
     them, and refit ``out_rel`` on the kept channels."""
+    from tensorpress.engine.linears import in_features, weight_of
     from tensorpress.engine.sequential import capture_block_inputs, run_block
 
-    windows = calib.input_ids[:samples] if samples else calib.input_ids
-    calls = capture_block_inputs(lm, model, dataclasses.replace(calib, input_ids=windows), batch_size)
+    calls = capture_block_inputs(lm, model, calib, batch_size)
     blocks = lm.adapter.blocks(model)
     for i, block in enumerate(track(blocks, f"pruning {what} of {len(blocks)} blocks")):
         out_lin = block.get_submodule(out_rel)
-        width = _weight(out_lin).shape[1]
+        width = in_features(out_lin)
         gram = torch.zeros(width, width, dtype=torch.float64)
         total = torch.zeros(width, dtype=torch.float64)
         count = [0]
@@ -121,7 +116,7 @@ def prune_block_inputs(
             run_block(block, calls)
         finally:
             handle.remove()
-        w_out = _weight(out_lin)
+        w_out = weight_of(out_lin).double()
         keep, rows = choose(block, w_out, gram)
         bias = None if out_lin.bias is None else out_lin.bias.detach()
         new_w, new_b = refit_output(w_out, bias, gram, total, count[0], keep, damp, refit)
@@ -166,7 +161,9 @@ class PruneFFN(_ChannelPruning):
         size_key = next((k for k in _SIZE_KEYS if hasattr(model.config, k)), None)
         if size_key is None:
             raise RecipeError(f"prune_ffn: {model.config.model_type} config has none of {_SIZE_KEYS}")
-        inter = _weight(adapter.blocks(model)[0].get_submodule(out_rels[0])).shape[1]
+        from tensorpress.engine.linears import in_features  # the engine imports the methods
+
+        inter = in_features(adapter.blocks(model)[0].get_submodule(out_rels[0]))
         keep_n = max(self.multiple_of, round((1 - self.ratio) * inter / self.multiple_of) * self.multiple_of)
         if keep_n >= inter:
             raise RecipeError(f"prune_ffn: ratio {self.ratio} keeps all {inter} channels (multiple_of {self.multiple_of})")
@@ -178,7 +175,7 @@ class PruneFFN(_ChannelPruning):
             shares.append(round(float(scores[keep].sum() / scores.sum()), 4))
             return keep, {rel: keep for rel in in_rels}
 
-        prune_block_inputs(lm, model, calib, self.samples, batch_size, out_rels[0], "FFN channels", choose, self.damp, self.refit)
+        prune_block_inputs(lm, model, self.windows(calib), batch_size, out_rels[0], "FFN channels", choose, self.damp, self.refit)
         setattr(model.config, size_key, keep_n)
         return {"channels_kept": keep_n, "channels_before": inter, "score_share_kept": shares}
 
@@ -215,7 +212,7 @@ class PruneHeads(_ChannelPruning):
             kv_channels = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in groups.tolist()])
             return q_channels, {q_rel: q_channels, k_rel: kv_channels, v_rel: kv_channels}
 
-        prune_block_inputs(lm, model, calib, self.samples, batch_size, o_rel, "attention heads", choose, self.damp, self.refit)
+        prune_block_inputs(lm, model, self.windows(calib), batch_size, o_rel, "attention heads", choose, self.damp, self.refit)
         config.num_attention_heads = keep_groups * per_group
         config.num_key_value_heads = keep_groups
         config.head_dim = head_dim

@@ -40,6 +40,12 @@ REPORTED = {
         "gptq-w4g128": "34.26 (IST-DASLab gptq, 428 s)",
         "gptq-w3g128": "61.42 (IST-DASLab gptq, 437 s); 57.01 (GPTQModel 7.7, 512 s)",
         "gptq-w2g64": "8 501 (IST-DASLab gptq, 399 s)",
+        "magnitude-50": "532.81 (locuslab/wanda code, 10 s)",
+        "magnitude-2-4": "2 041 (locuslab/wanda code, 7 s)",
+        "wanda-50": "54.17 (locuslab/wanda code, 297 s)",
+        "wanda-2-4": "142.07 (locuslab/wanda code, 272 s)",
+        "sparsegpt-50": "43.10 (locuslab/wanda code, 389 s)",
+        "sparsegpt-2-4": "62.74 (locuslab/wanda code, 414 s)",
     }
 }
 console = Console(width=None if sys.stdout.isatty() else 140)  # files/pipes: do not wrap at 80

@@ -46,3 +46,7 @@ class MissingDependencyError(TensorpressError):
 
 class CodingError(TensorpressError):
     """Coded (lossless) data that is corrupt, truncated, or not in a format this version reads."""
+
+
+class CacheConfigError(TensorpressError):
+    """A KV cache asked for with an unknown name, bad settings, or settings beyond the model's limits."""

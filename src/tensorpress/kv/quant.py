@@ -1,0 +1,321 @@
+"""Quantized caches: KIVI (keys per channel, values per token, a full-precision residual window)
+and GEAR (the same plus a low-rank approximation of the quantization error and sparse outliers).
+
+Both work after rotary embedding, on the states ``transformers`` hands to the cache: KIVI's
+observation that key outliers sit in fixed channels holds for rotated keys too (RoPE mixes
+channel pairs, it does not move outliers across pairs), and quantizing before RoPE would need
+the positions at read time.
+
+Storage layout: quantized tokens are appended along dim 0 so blocks concatenate without repacking.
+
+- keys   ``(n/G, B, H, G, d)``: min/max over the G tokens of a group, one (scale, zero) per channel;
+- values ``(n, B, H, d/Gv, Gv)``: min/max over Gv channels, per token.
+
+Codes are bit-packed along the last axis in planes of 4, 2 and 1 bits (3 bits = a 2-bit and a
+1-bit plane), so every width from 2 to 8 is stored in exactly ``bits`` bits per value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import Field, field_validator
+
+from tensorpress.errors import CacheConfigError
+from tensorpress.kv.base import CacheSettings, KVLayer
+
+QUANT_BITS = (2, 3, 4, 8, 16)
+
+
+def planes_of(bits: int) -> list[int]:
+    """Widths of the bit planes that store a ``bits``-bit code (8 -> [8], 3 -> [2, 1])."""
+    if bits == 8:
+        return [8]
+    out, left = [], bits
+    for p in (4, 2, 1):
+        if left >= p:
+            out.append(p)
+            left -= p
+    return out
+
+
+def pack_last(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """Pack uint8 codes < 2**bits along the last axis (its size a multiple of 8)."""
+    planes, shift = [], 0
+    for p in planes_of(bits):
+        part = (codes >> shift) & ((1 << p) - 1)
+        per = 8 // p
+        part = part.view(*codes.shape[:-1], codes.shape[-1] // per, per)
+        byte = part[..., 0].clone()
+        for j in range(1, per):
+            byte |= part[..., j] << (j * p)
+        planes.append(byte)
+        shift += p
+    return planes
+
+
+def unpack_last(planes: list[torch.Tensor], bits: int) -> torch.Tensor:
+    out, shift = None, 0
+    for plane, p in zip(planes, planes_of(bits), strict=True):
+        per = 8 // p
+        shifts = torch.arange(0, 8, p, dtype=torch.uint8, device=plane.device)
+        part = ((plane[..., None] >> shifts) & ((1 << p) - 1)).view(*plane.shape[:-1], plane.shape[-1] * per)
+        part = part << shift if shift else part
+        out = part if out is None else out | part
+        shift += p
+    return out
+
+
+@dataclass
+class QBlocks:
+    """Asymmetric uniform quantization with min/max over ``dim``; grows along dim 0. ``bits=16``
+    keeps the values unquantized, in the dtype they come in (the cache's storage dtype)."""
+
+    bits: int
+    dim: int
+    planes: list[torch.Tensor] = field(default_factory=list)
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+
+    @staticmethod
+    def quantize(x: torch.Tensor, bits: int, dim: int) -> QBlocks:
+        if bits == 16:
+            return QBlocks(bits, dim, [x])
+        xf = x.float()
+        lo, hi = xf.amin(dim, keepdim=True), xf.amax(dim, keepdim=True)
+        scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-5).to(torch.float16)
+        zero = lo.to(torch.float16)
+        codes = torch.round((xf - zero.float()) / scale.float()).clamp_(0, 2**bits - 1).to(torch.uint8)
+        return QBlocks(bits, dim, pack_last(codes, bits), scale, zero)
+
+    def extend(self, other: QBlocks) -> None:
+        if not self.planes:
+            self.planes, self.scale, self.zero = other.planes, other.scale, other.zero
+            return
+        self.planes = [torch.cat([a, b]) for a, b in zip(self.planes, other.planes, strict=True)]
+        if self.scale is not None:
+            self.scale = torch.cat([self.scale, other.scale])
+            self.zero = torch.cat([self.zero, other.zero])
+
+    def __len__(self) -> int:
+        return self.planes[0].shape[0] if self.planes else 0
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.bits == 16:
+            return self.planes[0].to(dtype)
+        codes = unpack_last(self.planes, self.bits)
+        return (codes.to(dtype) * self.scale.to(dtype) + self.zero.to(dtype))
+
+    def held(self) -> list[torch.Tensor | None]:
+        return [*self.planes, self.scale, self.zero]
+
+
+class QuantSettings(CacheSettings):
+    bits: int = Field(2, description="bits per key/value code: 2, 3, 4, 8, or 16 (unquantized, in `dtype`)")
+    group_size: int = Field(32, ge=8, description="tokens per key group; channels per value group")
+    residual: int = Field(128, ge=0, description="most recent tokens kept in full precision")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in QUANT_BITS:
+            raise ValueError(f"bits must be one of {QUANT_BITS}, got {v}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"group_size must be a multiple of 8 (codes are packed 8 to a byte), got {v}")
+        return v
+
+
+def check_value_groups(head_dim: int, group: int) -> int:
+    gv = min(group, head_dim)
+    if head_dim % gv or gv % 8:
+        raise CacheConfigError(f"head dimension {head_dim} cannot be split into value groups of {group} "
+                               "channels (needs a multiple of 8 dividing the head dimension)")
+    return gv
+
+
+class KiviLayer(KVLayer):
+    """KIVI: keys quantized per channel in groups of ``group_size`` tokens, values per token in
+    groups of ``group_size`` channels; the newest ``residual`` (+ < group_size) tokens stay in
+    full precision until a whole key group can be quantized."""
+
+    flush_multiple: int  # tokens moved to the quantized store at a time
+
+    def __init__(self, settings: QuantSettings, layer_idx: int, cache=None):
+        super().__init__(settings, layer_idx, cache)
+        self.flush_multiple = settings.group_size
+        self.clear()
+
+    def clear(self) -> None:
+        self.qkeys = QBlocks(self.settings.bits, dim=3)
+        self.qvalues = QBlocks(self.settings.bits, dim=4)
+        self.res_keys: torch.Tensor | None = None
+        self.res_values: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.value_group = check_value_groups(self.value_dim, self.settings.group_size)
+        if self.head_dim % 8:
+            raise CacheConfigError(f"head dimension {self.head_dim} is not a multiple of 8; KIVI packs key codes by channel")
+
+    def quantized_tokens(self) -> int:
+        return len(self.qkeys) * self.settings.group_size
+
+    def read_quantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized (B, H, n, d) keys and values of the quantized store."""
+        g = self.settings.group_size
+        k = self.qkeys.dequantize(dtype)  # (n/G, B, H, G, d)
+        k = k.permute(1, 2, 0, 3, 4).reshape(self.batch, self.heads, -1, self.head_dim)
+        v = self.qvalues.dequantize(dtype)  # (n, B, H, d/Gv, Gv)
+        v = v.permute(1, 2, 0, 3, 4).reshape(self.batch, self.heads, -1, self.value_dim)
+        assert k.shape[2] == v.shape[2] == len(self.qkeys) * g
+        return k, v
+
+    def quantize_block(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Move (B, H, n, d) states (n a multiple of the group size) into the quantized store."""
+        b, h, n, d = keys.shape
+        g, gv, bits = self.settings.group_size, self.value_group, self.settings.bits
+        k = keys.reshape(b, h, n // g, g, d).permute(2, 0, 1, 3, 4).contiguous()
+        v = values.reshape(b, h, n, self.value_dim // gv, gv).permute(2, 0, 1, 3, 4).contiguous()
+        self.qkeys.extend(QBlocks.quantize(k, bits, dim=3))
+        self.qvalues.extend(QBlocks.quantize(v, bits, dim=4))
+
+    def corrections(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return keys, values
+
+    def append(self, keys, values, start):
+        keys, values = keys.to(self.store_dtype), values.to(self.store_dtype)
+        if self.res_keys is None:
+            self.res_keys, self.res_values = keys, values
+        else:
+            self.res_keys = torch.cat([self.res_keys, keys], dim=2)
+            self.res_values = torch.cat([self.res_values, values], dim=2)
+        if len(self.qkeys):
+            qk, qv = self.corrections(*self.read_quantized(self.dtype))
+            out_k = torch.cat([qk, self.res_keys.to(self.dtype)], dim=2)
+            out_v = torch.cat([qv, self.res_values.to(self.dtype)], dim=2)
+        else:
+            out_k, out_v = self.res_keys, self.res_values
+        # Flush after building the output: this call attends over the new tokens at full precision.
+        extra = self.res_keys.shape[2] - self.settings.residual
+        n = (extra // self.flush_multiple) * self.flush_multiple if extra > 0 else 0
+        if n:
+            self.quantize_block(self.res_keys[:, :, :n], self.res_values[:, :, :n])
+            self.res_keys = self.res_keys[:, :, n:].contiguous()
+            self.res_values = self.res_values[:, :, n:].contiguous()
+        return out_k, out_v, None
+
+    def held(self):
+        return [*self.qkeys.held(), *self.qvalues.held(), self.res_keys, self.res_values]
+
+
+class GearSettings(QuantSettings):
+    rank: int = Field(4, ge=0, description="rank of the low-rank error correction per block (0 = none)")
+    outliers: float = Field(0.01, ge=0.0, lt=0.5, description="fraction of entries kept exactly as sparse outliers")
+    block: int = Field(128, ge=8, description="tokens quantized at a time (a multiple of group_size)")
+
+
+@dataclass
+class Correction:
+    """GEAR's correction of one quantized block for keys or values."""
+
+    tokens: int
+    left: torch.Tensor | None  # (B, n, r) float16
+    right: torch.Tensor | None  # (B, r, H*d) float16
+    where: torch.Tensor | None  # (B, k) int32 flat positions in the block's (H, n, d)
+    delta: torch.Tensor | None  # (B, k) float16: exact value minus the dequantized one
+
+    def held(self):
+        return [self.left, self.right, self.where, self.delta]
+
+
+class GearLayer(KiviLayer):
+    """GEAR: outliers (largest |x|) kept exactly, the rest quantized as KIVI, and a rank-r SVD of
+    the remaining error over all heads of the block (tokens x (heads * head_dim))."""
+
+    def __init__(self, settings: GearSettings, layer_idx: int, cache=None):
+        super().__init__(settings, layer_idx, cache)
+        if settings.block % settings.group_size:
+            raise CacheConfigError(f"GEAR block {settings.block} must be a multiple of group_size {settings.group_size}")
+        self.flush_multiple = settings.block
+
+    def clear(self) -> None:
+        super().clear()
+        self.fix_k: list[Correction] = []
+        self.fix_v: list[Correction] = []
+
+    def _correction(self, x: torch.Tensor, quantized: torch.Tensor) -> Correction:
+        """x, quantized: (B, H, n, d) exact and dequantized states of one block."""
+        b, h, n, d = x.shape
+        s = self.settings
+        err = (x.float() - quantized.float()).reshape(b, -1)  # (B, H*n*d)
+        k = math.ceil(s.outliers * h * n * d)
+        where = x.float().reshape(b, -1).abs().topk(k, dim=1).indices if k else None
+        left = right = None
+        r = min(s.rank, n, h * d)
+        if r:
+            # The low-rank part fits the error off the outliers; the outliers are then made exact.
+            off = err.scatter(1, where, 0.0) if where is not None else err
+            mat = off.view(b, h, n, d).permute(0, 2, 1, 3).reshape(b, n, h * d)  # tokens x (heads * dim)
+            u, sv, vh = torch.linalg.svd(mat, full_matrices=False)
+            left = (u[:, :, :r] * sv[:, None, :r]).to(torch.float16)
+            right = vh[:, :r].to(torch.float16).contiguous()
+            low = (left.float() @ right.float()).view(b, n, h, d).permute(0, 2, 1, 3).reshape(b, -1)
+            err = err - low
+        delta = None
+        if where is not None:
+            delta = torch.gather(err, 1, where).to(torch.float16)
+            where = where.to(torch.int32)
+        return Correction(n, left, right, where, delta)
+
+    def quantize_block(self, keys, values) -> None:
+        g = self.settings.group_size
+        b, h, n, d = keys.shape
+        # Outliers are removed before quantizing so they do not stretch the groups' ranges.
+        kept = []
+        for x in (keys, values):
+            k = math.ceil(self.settings.outliers * h * n * x.shape[-1])
+            if k:
+                flat = x.float().reshape(b, -1)
+                idx = flat.abs().topk(k, dim=1).indices
+                x = flat.scatter(1, idx, 0.0).view_as(x).to(x.dtype)
+            kept.append(x)
+        before = len(self.qkeys)
+        super().quantize_block(kept[0], kept[1])
+        # Dequantize just this block: the last n/G key groups and n value tokens.
+        qk = QBlocks(self.qkeys.bits, 3, [p[before:] for p in self.qkeys.planes],
+                     *(t[before:] if t is not None else None for t in (self.qkeys.scale, self.qkeys.zero)))
+        start_v = before * g
+        qv = QBlocks(self.qvalues.bits, 4, [p[start_v:] for p in self.qvalues.planes],
+                     *(t[start_v:] if t is not None else None for t in (self.qvalues.scale, self.qvalues.zero)))
+        dk = qk.dequantize(torch.float32).permute(1, 2, 0, 3, 4).reshape(b, h, n, d)
+        dv = qv.dequantize(torch.float32).permute(1, 2, 0, 3, 4).reshape(b, h, n, values.shape[-1])
+        self.fix_k.append(self._correction(keys, dk))
+        self.fix_v.append(self._correction(values, dv))
+
+    def corrections(self, keys, values):
+        # One correction per flush; a prompt's first flush can be many blocks long.
+        return self._apply_all(keys, self.fix_k), self._apply_all(values, self.fix_v)
+
+    def _apply_all(self, x: torch.Tensor, fixes: list[Correction]) -> torch.Tensor:
+        b, h, n, d = x.shape
+        out, pos = [], 0
+        for fix in fixes:
+            nb = fix.tokens
+            part = x[:, :, pos:pos + nb]
+            if fix.left is not None:
+                part = part + (fix.left.to(x.dtype) @ fix.right.to(x.dtype)).view(b, nb, h, d).permute(0, 2, 1, 3)
+            if fix.where is not None:
+                part = part.reshape(b, -1).scatter_add(1, fix.where.long(), fix.delta.to(x.dtype)).view(b, h, nb, d)
+            out.append(part)
+            pos += nb
+        return torch.cat(out, dim=2) if out else x
+
+    def held(self):
+        return [*super().held(), *(t for fix in self.fix_k + self.fix_v for t in fix.held())]

@@ -1,0 +1,255 @@
+"""KV caches on tiny models: exactness when nothing is dropped, byte accounting, budgets,
+generation with transformers, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tensorpress.kv as kv
+from tensorpress.errors import CacheConfigError
+from tensorpress.eval.kv import tensor_bytes
+from tensorpress.kv.lowrank import allocate_ranks
+from tensorpress.kv.merge import merge_pair, slerp
+from tensorpress.kv.quant import QBlocks, pack_last, unpack_last
+
+CALIB = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+
+# Settings under which a cache keeps every token exactly.
+LOSSLESS = {
+    "full": {},
+    "kivi": {"bits": 16, "residual": 0, "group_size": 8},
+    "gear": {"bits": 16, "residual": 0, "group_size": 8, "block": 8, "rank": 0, "outliers": 0.0},
+    "h2o": {"ratio": 1.0},
+    "snapkv": {"ratio": 1.0},
+    "knorm": {"ratio": 1.0},
+    "streaming": {"window": 200},
+    "mikv": {"ratio": 1.0},
+    "minicache": {"retain": 1.0, "start": 0},
+    "lowrank": {"ratio": 1.0},
+}
+# Settings that compress, small enough to matter on 40 tokens.
+LOSSY = {
+    "kivi": {"bits": 2, "residual": 8, "group_size": 8},
+    "gear": {"bits": 2, "residual": 0, "group_size": 8, "block": 16, "rank": 2, "outliers": 0.02},
+    "h2o": {"ratio": 0.3, "window": 4},
+    "snapkv": {"ratio": 0.3, "window": 4, "observe": 4},
+    "knorm": {"ratio": 0.3, "window": 4},
+    "streaming": {"window": 8, "sinks": 2},
+    "mikv": {"ratio": 0.3, "window": 4, "group_size": 8},
+    "minicache": {"start": 0, "retain": 0.1},
+    "lowrank": {"ratio": 0.5},
+}
+
+
+def make(name, lm, **s):
+    return kv.cache(name, lm, calibration=CALIB if name == "lowrank" else None, **s)
+
+
+def chunked(lm, ids, cache, chunk=10):
+    with torch.no_grad():
+        return torch.cat([lm.model(ids[:, lo:lo + chunk], past_key_values=cache, use_cache=True).logits
+                          for lo in range(0, ids.shape[1], chunk)], dim=1)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def test_every_method_is_registered():
+    assert set(kv.names()) == set(LOSSLESS) == set(LOSSY) | {"full"}
+
+
+@pytest.mark.parametrize("name", list(LOSSLESS))
+def test_full_budget_gives_the_uncompressed_attention(lm, ids, name):
+    with torch.no_grad():
+        reference = lm.model(ids).logits
+    out = chunked(lm, ids, make(name, lm, dtype="float32", **LOSSLESS[name]))
+    assert torch.allclose(out, reference, atol=2e-5, rtol=1e-4), (out - reference).abs().max()
+
+
+def test_sixteen_bits_is_the_full_cache(lm, ids):
+    full = chunked(lm, ids, make("full", lm))
+    assert torch.equal(chunked(lm, ids, make("kivi", lm, bits=16, residual=0, group_size=8)), full)
+
+
+@pytest.mark.parametrize("name", list(LOSSY))
+def test_compressing_caches_change_the_output_and_hold_fewer_bytes(lm, ids, name):
+    full = make("full", lm)
+    reference = chunked(lm, ids, full)
+    cache = make(name, lm, **LOSSY[name])
+    out = chunked(lm, ids, cache)
+    assert not torch.allclose(out, reference, atol=1e-4)
+    assert cache.nbytes() < full.nbytes() == cache.dense_nbytes()
+    # Later chunks only see the past through the cache; the first chunk is exact.
+    assert torch.allclose(out[:, :10], reference[:, :10], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(LOSSY))
+def test_nbytes_is_every_tensor_the_cache_holds(lm, ids, name):
+    cache = make(name, lm, **LOSSY[name])
+    chunked(lm, ids, cache)
+    assert cache.nbytes() > 0
+    assert cache.nbytes() == tensor_bytes(cache.layers)
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "knorm", "mikv"])
+def test_eviction_keeps_the_budget(lm, ids, name):
+    cache = make(name, lm, ratio=0.25, window=2)
+    chunked(lm, ids, cache, chunk=8)
+    for layer in cache.layers:
+        assert len(layer.store) == round(0.25 * 40)
+        index = layer.store.index
+        assert (index[..., -2:] == torch.tensor([38, 39], dtype=torch.int32)).all()  # recent window kept
+        assert (index.diff(dim=-1) > 0).all()  # chronological, no duplicates
+    if name == "mikv":  # the rest is kept at low precision, not dropped
+        assert all(layer.lo_index.shape[0] == 30 for layer in cache.layers)
+
+
+def test_streaming_keeps_sinks_and_window(lm, ids):
+    cache = make("streaming", lm, window=6, sinks=3)
+    chunked(lm, ids, cache, chunk=7)
+    expected = torch.tensor([0, 1, 2, 34, 35, 36, 37, 38, 39], dtype=torch.int32)
+    for layer in cache.layers:
+        assert (layer.store.index == expected).all()
+
+
+def test_kivi_keeps_a_residual_window_in_full_precision(lm, ids):
+    cache = make("kivi", lm, bits=4, residual=8, group_size=8)
+    chunked(lm, ids, cache, chunk=5)
+    for layer in cache.layers:
+        assert 8 <= layer.res_keys.shape[2] < 16
+        assert layer.res_keys.shape[2] + layer.quantized_tokens() == 40
+
+
+@pytest.mark.parametrize("name", ["full", "kivi", "h2o", "snapkv", "mikv", "minicache", "streaming"])
+@pytest.mark.parametrize("sample", [False, True])
+def test_generate_with_batches_of_one_and_two(lm, name, sample):
+    s = dict(LOSSLESS[name])
+    prompts = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(prompts)
+    mask[1, :4] = 0  # left padding in the second row
+    prompts[1, :4] = 0
+    for batch in (1, 2):
+        p, m = prompts[:batch], mask[:batch]
+        kwargs = dict(max_new_tokens=6, do_sample=sample, pad_token_id=0, top_k=5)
+        torch.manual_seed(0)
+        expected = lm.model.generate(p, attention_mask=m, **kwargs)
+        torch.manual_seed(0)
+        got = lm.model.generate(p, attention_mask=m, past_key_values=make(name, lm, dtype="float32", **s), **kwargs)
+        assert got.shape == (batch, 18)
+        assert torch.equal(got, expected)
+    lossy = make(name, lm, **LOSSY.get(name, {}))
+    assert lm.model.generate(prompts, attention_mask=mask, past_key_values=lossy, max_new_tokens=4,
+                             do_sample=sample, pad_token_id=0).shape == (2, 16)
+
+
+@pytest.mark.parametrize("name, bad, fragment", [
+    ("h2o", {"ratio": 0.0}, "ratio"),
+    ("kivi", {"bits": 1}, "bits"),
+    ("kivi", {"residual": 10_000}, "longer than the model's context"),
+    ("streaming", {"window": 0, "sinks": 0}, "keep nothing"),
+    ("kivi", {"group_size": 12}, "multiple of 8"),
+    ("snapkv", {"kernel": 4}, "odd"),
+    ("h2o", {"budget": 3}, "budget"),
+    ("nope", {}, "unknown KV cache 'nope'"),
+])
+def test_bad_settings_raise_clear_errors(lm, name, bad, fragment):
+    with pytest.raises(CacheConfigError, match=fragment):
+        kv.cache(name, lm, **bad)
+
+
+def test_lowrank_needs_calibration_and_encoders_are_refused(lm):
+    with pytest.raises(CacheConfigError, match="calibration"):
+        kv.cache("lowrank", lm)
+    with pytest.raises(CacheConfigError, match="not a causal language model"):
+        kv.cache("full", tiny_model("bert"))
+
+
+def test_beam_search_is_refused(lm, ids):
+    with pytest.raises(CacheConfigError, match="beam search"):
+        lm.model.generate(ids[:1, :8], past_key_values=make("h2o", lm), num_beams=2, max_new_tokens=3, pad_token_id=0)
+
+
+def test_model_without_tensorpress_cache_is_unchanged(lm, ids):
+    kv.cache("full", lm)  # switches the attention function
+    with torch.no_grad():
+        plain = lm.model(ids).logits
+    lm.model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids).logits, plain, atol=1e-6)
+
+
+# -- the math, without a model --------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8]), rows=st.integers(1, 4), groups=st.integers(1, 4), seed=st.integers(0, 99))
+def test_pack_unpack_round_trip(bits, rows, groups, seed):
+    codes = torch.randint(0, 2**bits, (rows, 8 * groups), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    planes = pack_last(codes, bits)
+    assert sum(p.numel() for p in planes) * 8 == codes.numel() * bits  # exactly `bits` per code
+    assert torch.equal(unpack_last(planes, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantization_error_within_half_a_step(bits):
+    x = torch.randn(5, 3, 8, 16)
+    q = QBlocks.quantize(x, bits, dim=2)
+    step = q.scale.float()
+    assert ((q.dequantize(torch.float32) - x).abs() <= step / 2 + 1e-3 * step + 1e-3).all()
+
+
+def test_gear_correction_beats_plain_quantization():
+    torch.manual_seed(0)
+    base = torch.randn(1, 2, 64, 16) @ torch.randn(16, 16) * 0.3  # correlated channels, low rank-ish error
+    base[0, 0, 5, 3] = 40.0  # an outlier that would stretch its group
+    errors, outlier = {}, {}
+    configs = {"kivi": ("kivi", {}), "gear-r4": ("gear", {"rank": 4, "outliers": 0.01, "block": 64}),
+               "gear-full": ("gear", {"rank": 32, "outliers": 0.01, "block": 64})}
+    for label, (name, s) in configs.items():
+        layer = kv.METHODS[name].layer(kv.settings_for(name, bits=2, group_size=16, residual=0, dtype="float32", **s), 0)
+        layer.update(base, base)
+        k, _, _ = layer.append(base[:, :, :0], base[:, :, :0], 64)
+        errors[label] = (k - base).pow(2).mean().item()
+        outlier[label] = (k[0, 0, 5, 3] - 40.0).abs().item()
+    assert errors["gear-r4"] < 0.7 * errors["kivi"]
+    assert errors["gear-full"] < 1e-4 * errors["kivi"]  # full rank: only float16 rounding is left
+    assert outlier["gear-r4"] < 0.05  # kept exactly (float16 of the difference)
+
+
+def test_merge_pair_retains_the_most_different_tokens():
+    torch.manual_seed(0)
+    a = torch.randn(1, 1, 10, 8)
+    b = a.clone()
+    b[0, 0, 7] = -a[0, 0, 7]  # opposite direction: the one token to retain
+    merged, retained, kdir, knorm, _, _ = merge_pair(a, b, a, b, t=0.5, retain=0.1)
+    assert retained.tolist() == [[[7]]]
+    assert merged.shape[-1] == 9
+    rebuilt = kdir * knorm[..., :1]
+    assert torch.allclose(rebuilt, a[:, :, merged[0, 0]], atol=1e-5)  # identical directions merge exactly
+
+
+def test_slerp_endpoints():
+    u, v = torch.nn.functional.normalize(torch.randn(2, 6), dim=-1)
+    assert torch.allclose(slerp(u, v, 0.0), u, atol=1e-6)
+    assert torch.allclose(slerp(u, v, 1.0), v, atol=1e-6)
+
+
+def test_rank_allocation_respects_the_budget_and_favours_energy():
+    flat = torch.ones(2, 8)  # two heads, eight equal components
+    steep = torch.tensor([[8.0, 4, 2, 1, 0.5, 0.2, 0.1, 0.0]] * 2)
+    ranks = allocate_ranks([flat, steep], budget=2 * 8, cost=[2, 2])
+    # Shares of energy: flat 1/8 per component; steep 0.51, 0.25, 0.127, 0.063, ... The eight
+    # components go to the largest shares: steep's first three, then flat's (0.125 each).
+    assert ranks == [5, 3]
+    assert allocate_ranks([flat, steep], budget=2 * 16, cost=[2, 2]) == [8, 8]

@@ -25,10 +25,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# Baselines of the lossless benchmark (not needed by the library or the tests); zipnn without its
-# declared dependencies, which the venv already has (and which must not move torch).
+# Baselines of the benchmarks (not needed by the library or the tests): zstd and zipnn for the
+# lossless one, optimum-quanto for transformers' own quantized KV cache; zipnn and quanto without
+# their declared dependencies, which the venv already has (and which must not move torch).
 BENCH_PACKAGES := zstandard==0.25.0
-BENCH_NODEPS   := zipnn==0.5.4
+BENCH_NODEPS   := zipnn==0.5.4 optimum-quanto==0.2.7
 
 bench: install
 	$(BIN)/pip install --quiet $(BENCH_PACKAGES)
@@ -38,6 +39,9 @@ bench: install
 	$(BIN)/python bench/quality.py --model smollm2-135m --no-baseline --method gptq-w4g128,gptq-w3g128,awq-w3g128,spqr-w3g128,gptq-mixed-3.5 --out bench/results/quality-smollm2-135m-calibrated.json
 	$(BIN)/python bench/speed.py
 	$(BIN)/python bench/lossless.py
+	$(BIN)/python bench/kv.py ppl
+	$(BIN)/python bench/kv.py passkey
+	$(BIN)/python bench/kv.py speed
 
 clean:
 	rm -rf out bench/results .pytest_cache

@@ -12,7 +12,7 @@ result.save("out/w4")
 
 __version__ = "0.1.0"
 
-from tensorpress import data, errors, lossless  # noqa: E402
+from tensorpress import data, errors, kv, lossless  # noqa: E402
 from tensorpress import recipe as recipes  # noqa: E402  (tp.recipes.get / builtin_names)
 from tensorpress.engine import CompressionResult, compress  # noqa: E402
 from tensorpress.eval import EvalReport, evaluate  # noqa: E402
@@ -30,6 +30,7 @@ __all__ = [
     "data",
     "errors",
     "evaluate",
+    "kv",
     "load_compressed",
     "load_model",
     "lossless",

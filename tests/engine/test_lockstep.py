@@ -129,3 +129,19 @@ def test_an_error_inside_a_batch_is_raised_and_nothing_hangs():
         lockstep_pass(block, calls, {0: ["a"], 2: ["c"]}, frozenset(), _halve(block, {}))
     assert threading.active_count() == before
     assert not any(type(m).__name__ == "_Entry" for m in block.modules())  # the stand-ins were removed
+
+
+def test_blockwise_order_takes_every_group_from_the_uncompressed_block():
+    """``sequential: false`` (the reference implementations' order): inside a block every group's
+    statistics come from the uncompressed block; the next block still sees compressed outputs."""
+    lm = tiny_model("llama")
+    calib = tp.data.TokenWindows(torch.randint(3, 300, (5, 16)), "random")
+    _CoarseRecord.seen.clear()
+    res = tp.compress(lm, tp.Recipe(stages=[{"method": "test_coarse_record", "sequential": False}]), calib)
+    assert "propagate_seconds" in res.timings and "sequential_pass_seconds" not in res.timings
+    original = _inputs_in(lm.model, sorted(_CoarseRecord.seen), calib.input_ids)
+    o_proj = "model.layers.0.self_attn.o_proj"
+    torch.testing.assert_close(_CoarseRecord.seen[o_proj], original[o_proj], rtol=1e-4, atol=1e-3)
+    # block 1 is fed by the compressed block 0, not by the original one
+    q1 = "model.layers.1.self_attn.q_proj"
+    assert not torch.allclose(_CoarseRecord.seen[q1], original[q1], rtol=1e-3, atol=1e-2)

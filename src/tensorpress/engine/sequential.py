@@ -190,7 +190,7 @@ def compress(
                 continue
             outputs = None
             name = f"{prefix}.{i}"
-            if stage.needs and not stage.scales_inputs():
+            if stage.needs and not stage.scales_inputs() and stage.sequential:
                 outputs = _true_sequential(lm, block, name, stage, rels, calls, originals, layers, timings)
                 continue
             stats: dict[str, dict[str, Any]] = {}

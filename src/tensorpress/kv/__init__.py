@@ -99,8 +99,8 @@ def cache(name: str, lm: Any, calibration: Any = None, **settings: Any) -> KVCac
     """A fresh compressed cache for ``lm`` (a :class:`~tensorpress.LoadedModel` or a
     ``transformers`` model); switches the model to tensorpress' attention function, which is
     plain SDPA whenever no tensorpress cache is in use."""
-    model = getattr(lm, "model", lm)
-    causal = getattr(lm, "causal", None)
+    model = lm if isinstance(lm, torch.nn.Module) else getattr(lm, "model", lm)
+    causal = None if isinstance(lm, torch.nn.Module) else getattr(lm, "causal", None)
     if causal is False or not hasattr(model, "generate") or not hasattr(model, "config"):
         raise CacheConfigError(f"{type(model).__name__} is not a causal language model; KV caches need one")
     config = model.config.get_text_config(decoder=True)

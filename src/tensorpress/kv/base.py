@@ -244,17 +244,19 @@ def attention_received(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tens
     hkv, k = keys.shape[1], keys.shape[2]
     groups = hq // hkv
     first = 0 if last is None else max(q - last, 0)
-    kf = keys.float()
+    kt = keys.float().reshape(b * hkv, k, d).transpose(1, 2)  # (B*Hkv, d, K)
     total = torch.zeros(b, hkv, k, dtype=torch.float32, device=keys.device)
     rows = max(1, chunk_bytes // max(1, b * hq * k * 4))
     for lo in range(first, q, rows):
         hi = min(q, lo + rows)
-        qs = query[:, :, lo:hi].float().view(b, hkv, groups, hi - lo, d)
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", qs, kf) * scaling
+        n = hi - lo
+        # Query heads g*j .. g*j+g-1 share KV head j (transformers' repeat_kv order).
+        qs = query[:, :, lo:hi].float().reshape(b * hkv, groups * n, d)
+        logits = torch.bmm(qs, kt).mul_(scaling).view(b, hkv, groups, n, k)
         if mask is not None:
             m = mask[..., lo:hi, :]
-            m = m.view(m.shape[0], m.shape[1], 1, hi - lo, k) if m.dim() == 4 else m.view(1, 1, 1, hi - lo, k)
-            logits = logits.masked_fill(~m, float("-inf"))
+            m = m.view(m.shape[0], m.shape[1], 1, n, k) if m.dim() == 4 else m.view(1, 1, 1, n, k)
+            logits.add_(torch.zeros(m.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~m, float("-inf")))
         total += torch.softmax(logits, dim=-1).sum(dim=(2, 3))
     return total
 
@@ -273,8 +275,10 @@ def tensorpress_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     q_len = query.shape[2]
     mask = step_mask(step, attention_mask, q_len)
     groups = query.shape[1] // key.shape[1]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=expand_heads(mask, groups),
-                                         scale=scaling, enable_gqa=groups > 1)
+    # Nothing stored before and no padding: plain causal attention, without materialising a mask.
+    causal = mask is not None and mask.dim() == 2 and key.shape[2] == q_len
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=None if causal else expand_heads(mask, groups),
+                                         is_causal=causal, scale=scaling, enable_gqa=groups > 1)
     step.layer.after_attention(step, query, mask, scaling)
     return out.transpose(1, 2).contiguous(), None
 

@@ -13,6 +13,8 @@ budget holds between calls.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
@@ -30,6 +32,7 @@ class H2OSettings(EvictionSettings):
 class SnapKVSettings(EvictionSettings):
     observe: int = Field(32, ge=1, description="last prompt queries whose attention selects the tokens")
     kernel: int = Field(7, ge=1, description="pooling width over neighbouring tokens (odd)")
+    pooling: Literal["max", "avg"] = Field("max", description="how scores are pooled over the kernel")
 
     @field_validator("kernel")
     @classmethod
@@ -145,7 +148,8 @@ class SnapKVLayer(EvictingLayer):
             return
         received = attention_received(query, step.keys, mask, scaling, last=self.settings.observe)
         k = self.settings.kernel
-        pooled = F.avg_pool1d(received.flatten(0, 1)[:, None], k, stride=1, padding=k // 2).view_as(received)
+        pool = F.max_pool1d if self.settings.pooling == "max" else F.avg_pool1d
+        pooled = pool(received.flatten(0, 1)[:, None], k, stride=1, padding=k // 2).view_as(received)
         self.scores = pooled
 
 

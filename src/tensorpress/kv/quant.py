@@ -18,6 +18,8 @@ Codes are bit-packed along the last axis in planes of 4, 2 and 1 bits (3 bits = 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +29,17 @@ from tensorpress.errors import CacheConfigError
 from tensorpress.kv.base import CacheSettings, KVLayer
 
 QUANT_BITS = (2, 3, 4, 8, 16)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run small dense decompositions on one thread, restoring torch's setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def planes_of(bits: int) -> list[int]:
@@ -263,9 +276,13 @@ class GearLayer(KiviLayer):
             # The low-rank part fits the error off the outliers; the outliers are then made exact.
             off = err.scatter(1, where, 0.0) if where is not None else err
             mat = off.view(b, h, n, d).permute(0, 2, 1, 3).reshape(b, n, h * d)  # tokens x (heads * dim)
-            u, sv, vh = torch.linalg.svd(mat, full_matrices=False)
-            left = (u[:, :, :r] * sv[:, None, :r]).to(torch.float16)
-            right = vh[:, :r].to(torch.float16).contiguous()
+            # Top-r right singular vectors from the (heads*dim)^2 Gram matrix: one small eigh
+            # instead of an SVD of the whole block.
+            gram = (mat.transpose(1, 2) @ mat).double()
+            with one_thread():  # LAPACK on a 200 x 200 matrix: threads only add synchronisation
+                vecs = torch.linalg.eigh(gram).eigenvectors[..., -r:].flip(-1).float()  # (B, H*d, r)
+            left = (mat @ vecs).to(torch.float16)
+            right = vecs.transpose(1, 2).to(torch.float16).contiguous()
             low = (left.float() @ right.float()).view(b, n, h, d).permute(0, 2, 1, 3).reshape(b, -1)
             err = err - low
         delta = None

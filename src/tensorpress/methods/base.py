@@ -76,6 +76,13 @@ class MethodConfig(BaseModel):
         description="module-name patterns never touched (default: lm_head and embeddings)",
     )
     seed: int = Field(0, description="seed of any randomness in the method")
+    sequential: bool = Field(
+        True,
+        description="true-sequential inside a block: each group of linears (q/k/v, o, gate/up, down) "
+        "gets statistics of inputs that went through the already compressed groups (one lockstep pass); "
+        "false: every group's statistics from the uncompressed block, as the reference GPTQ/SparseGPT/"
+        "Wanda code does (a statistics pass, then a pass to propagate)",
+    )
 
     def selects(self, name: str) -> bool:
         return matches(name, self.targets) and not matches(name, self.ignore)

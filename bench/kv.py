@@ -142,6 +142,8 @@ def section_passkey(args, lm, base: dict) -> None:
         if length >= 2000:
             plan += [("snapkv@4x", {"ratio": 0.25}, [length]), ("h2o@4x", {"ratio": 0.25}, [length]),
                      ("streaming@4x", {"window": length // 4 - 4, "sinks": 4}, [length])]
+    if args.only:
+        plan = [p for p in plan if p[0] in args.only]
     rows, out = [], args.out_dir / "kv-passkey.json"
     for label, settings, lengths in plan:
         method = label.split("@")[0]
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--only", type=lambda s: s.split(","), help="comma list of configuration labels")
+    p.add_argument("--only", type=lambda s: s.split(","), help="comma list of configuration labels "
+                   "(passkey: full, snapkv@4x, h2o@4x, streaming@4x)")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     args.data = args.data.resolve()

@@ -114,10 +114,11 @@ def cache(name: str, lm: Any, calibration: Any = None, **settings: Any) -> KVCac
     elif name == "lowrank":
         if calibration is None:
             raise CacheConfigError("the lowrank cache needs calibration data: pass calibration=tp.data.calibration(lm, ...)")
-        key = (id(model), s.ratio, _calibration_ids(calibration).shape, int(_calibration_ids(calibration).sum()))
+        ids = _calibration_ids(calibration)
+        key = (id(model), s.ratio, ids.shape, int(ids.sum()))
         bases = _LOWRANK_MEMO.get(key)
         if bases is None:
-            bases = projections(second_moments(model, _calibration_ids(calibration)), s.ratio)
+            bases = projections(second_moments(model, ids), s.ratio)
             _LOWRANK_MEMO.clear()
             _LOWRANK_MEMO[key] = bases
         layers = [LowRankLayer(s, i, basis=bases[i]) for i in range(num_layers)]

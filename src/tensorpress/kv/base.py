@@ -321,7 +321,11 @@ class TokenStore:
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         b, h, n, _ = keys.shape
-        pos = torch.arange(start, start + n, dtype=torch.int32, device=keys.device).expand(b, h, n)
+        self.extend(keys, values, torch.arange(start, start + n, dtype=torch.int32, device=keys.device).expand(b, h, n))
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
+        """Append tokens with their logical positions ``pos`` (B, H, n)."""
+        pos = pos.to(torch.int32)
         keys, values = keys.to(self.dtype), values.to(self.dtype)
         if self.keys is None:
             self.keys, self.values = keys, values

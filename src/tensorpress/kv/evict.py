@@ -171,9 +171,6 @@ class StreamingLayer(EvictingLayer):
     def current_scores(self) -> torch.Tensor:
         return torch.zeros(self.store.index.shape, dtype=torch.float32, device=self.store.index.device)
 
-    def recent(self, budget: int) -> int:
-        return self.settings.window
-
 
 class MiKVLayer(H2OLayer):
     """MiKV: H2O's choice decides precision instead of presence. Tokens that would be evicted are

@@ -128,14 +128,7 @@ class MiniCacheLayer(KVLayer):
         self.pair.add(kdir, knorm, vdir, vnorm, merged + start)
         for layer, k, v in ((self.partner, ka, va), (self, kb, vb)):
             if retained.shape[2]:
-                rk, rv = gather_tokens(k, retained), gather_tokens(v, retained)
-                pos = (retained + start).to(torch.int32)
-                if len(layer.kept):
-                    layer.kept.keys = torch.cat([layer.kept.keys, rk], dim=2)
-                    layer.kept.values = torch.cat([layer.kept.values, rv], dim=2)
-                    layer.kept.index = torch.cat([layer.kept.index, pos], dim=2)
-                else:
-                    layer.kept.keys, layer.kept.values, layer.kept.index = rk, rv, pos
+                layer.kept.extend(gather_tokens(k, retained), gather_tokens(v, retained), retained + start)
             layer.fresh = None
 
     def held(self):

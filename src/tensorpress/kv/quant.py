@@ -115,6 +115,11 @@ class QBlocks:
     def __len__(self) -> int:
         return self.planes[0].shape[0] if self.planes else 0
 
+    def tail(self, start: int) -> QBlocks:
+        """The entries from ``start`` on along dim 0 (views, nothing copied)."""
+        cut = (lambda t: None if t is None else t[start:])  # noqa: E731
+        return QBlocks(self.bits, self.dim, [p[start:] for p in self.planes], cut(self.scale), cut(self.zero))
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         if self.bits == 16:
             return self.planes[0].to(dtype)
@@ -306,11 +311,7 @@ class GearLayer(KiviLayer):
         before = len(self.qkeys)
         super().quantize_block(kept[0], kept[1])
         # Dequantize just this block: the last n/G key groups and n value tokens.
-        qk = QBlocks(self.qkeys.bits, 3, [p[before:] for p in self.qkeys.planes],
-                     *(t[before:] if t is not None else None for t in (self.qkeys.scale, self.qkeys.zero)))
-        start_v = before * g
-        qv = QBlocks(self.qvalues.bits, 4, [p[start_v:] for p in self.qvalues.planes],
-                     *(t[start_v:] if t is not None else None for t in (self.qvalues.scale, self.qvalues.zero)))
+        qk, qv = self.qkeys.tail(before), self.qvalues.tail(before * g)
         dk = qk.dequantize(torch.float32).permute(1, 2, 0, 3, 4).reshape(b, h, n, d)
         dv = qv.dequantize(torch.float32).permute(1, 2, 0, 3, 4).reshape(b, h, n, values.shape[-1])
         self.fix_k.append(self._correction(keys, dk))

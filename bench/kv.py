@@ -55,8 +55,12 @@ def configs(context: int) -> dict[str, tuple[str, dict]]:
     out["kivi-3@4x"] = ("kivi", {"bits": 3})
     out["kivi-2@4x"] = ("kivi", {"bits": 2})
     out["kivi-2@8x"] = ("kivi", {"bits": 2, "group_size": 64, "residual": 32})
+    # The same with keys quantized before rotary embedding (KVQuant): same bytes.
+    out["kivi-3-prerope@4x"] = ("kivi", {"bits": 3, "pre_rope": True})
+    out["kivi-2-prerope@4x"] = ("kivi", {"bits": 2, "pre_rope": True})
     # GEAR: KIVI-2 + rank-2 error per 256-token block + 0.5 % outliers (about KIVI-3's bytes).
     out["gear-2@4x"] = ("gear", {"bits": 2, "rank": 2, "outliers": 0.005, "block": 256})
+    out["gear-2-prerope@4x"] = ("gear", {"bits": 2, "rank": 2, "outliers": 0.005, "block": 256, "pre_rope": True})
     out["gear-2@8x"] = ("gear", {"bits": 2, "group_size": 64, "residual": 32, "rank": 2, "outliers": 0.002, "block": 256})
     # MiKV: float16 for the H2O-chosen fraction, 2 bits (groups of 32 channels) for the rest;
     # fractions chosen so the bytes match H2O at 2x and 4x.

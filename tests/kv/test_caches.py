@@ -8,10 +8,12 @@ import torch
 from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tensorpress.kv as kv
 from tensorpress.errors import CacheConfigError
 from tensorpress.eval.kv import tensor_bytes
+from tensorpress.kv.base import Rotary, rotary_frequencies
 from tensorpress.kv.lowrank import allocate_ranks
 from tensorpress.kv.merge import merge_pair, slerp
 from tensorpress.kv.quant import QBlocks, pack_last, unpack_last
@@ -253,3 +255,84 @@ def test_rank_allocation_respects_the_budget_and_favours_energy():
     # components go to the largest shares: steep's first three, then flat's (0.125 each).
     assert ranks == [5, 3]
     assert allocate_ranks([flat, steep], budget=2 * 16, cost=[2, 2]) == [8, 8]
+
+
+# -- keys quantized before rotary embedding (pre_rope) ------------------------------------------
+
+
+def test_rotary_matches_the_models_embedding_and_inverts_it(lm):
+    rope = lm.model.model.rotary_emb
+    x = torch.randn(2, 2, 12, lm.model.config.head_dim, generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(5, 17)[None]
+    cos, sin = rope(x, positions)
+    expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    rotary = Rotary(rotary_frequencies(lm.model))
+    assert torch.allclose(rotary.apply(x, 5), expected, atol=1e-5)
+    assert torch.allclose(rotary.apply(rotary.apply(x, 5), 5, inverse=True), x, atol=1e-5)
+
+
+def test_partial_rotary_leaves_the_other_channels_alone():
+    rotary = Rotary(torch.tensor([1.0, 0.1]))  # rotates 4 of 8 channels
+    x = torch.randn(1, 1, 6, 8)
+    out = rotary.apply(x, 3)
+    assert torch.equal(out[..., 4:], x[..., 4:])
+    assert not torch.allclose(out[..., :4], x[..., :4])
+
+
+def _key_projection(lm, ids, layer=0):
+    """Keys of one layer before rotary embedding, (B, kv_heads, T, d)."""
+    seen = []
+    attn = lm.model.model.layers[layer].self_attn
+    handle = attn.k_proj.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            lm.model(ids)
+    finally:
+        handle.remove()
+    b, t, _ = seen[0].shape
+    return seen[0].view(b, t, -1, lm.model.config.head_dim).transpose(1, 2)
+
+
+@pytest.mark.parametrize("name", ["kivi", "gear"])
+def test_stored_keys_are_the_keys_before_rotation(lm, ids, name):
+    settings = {"bits": 8, "residual": 0, "group_size": 8}
+    if name == "gear":
+        settings.update(block=8, rank=0, outliers=0.0)
+    cache = kv.cache(name, lm, pre_rope=True, dtype="float32", **settings)
+    with torch.no_grad():
+        lm.model(ids, past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    assert layer.quantized_tokens() == 40
+    stored, _ = layer.read_quantized(torch.float32)
+    keys = _key_projection(lm, ids)
+    step = (keys.amax() - keys.amin()) / 255  # 8-bit step bound over any group's range
+    assert (stored - keys).abs().max() <= step
+    # Without pre_rope the store holds rotated keys, far from the projection.
+    plain = kv.cache(name, lm, dtype="float32", **settings)
+    with torch.no_grad():
+        lm.model(ids, past_key_values=plain, use_cache=True)
+    rotated, _ = plain.layers[0].read_quantized(torch.float32)
+    assert (rotated - keys).abs().max() > 10 * step
+
+
+@pytest.mark.parametrize("name", ["kivi", "gear"])
+def test_pre_rope_cache_attends_over_the_rotated_keys(lm, ids, name):
+    settings = {"bits": 8, "residual": 8, "group_size": 8}
+    if name == "gear":
+        settings.update(block=8, rank=1, outliers=0.01)
+    with torch.no_grad():
+        reference = lm.model(ids).logits
+    out = []
+    cache = kv.cache(name, lm, pre_rope=True, **settings)
+    with torch.no_grad():
+        for lo in range(0, 40, 10):
+            out.append(lm.model(ids[:, lo:lo + 10], past_key_values=cache, use_cache=True).logits)
+    out = torch.cat(out, dim=1)
+    assert (out - reference).abs().max() < 0.05  # 8-bit error only, no stray rotation
+    assert cache.nbytes() < cache.dense_nbytes()
+
+
+def test_pre_rope_needs_rotary_embeddings():
+    gpt2 = tiny_model("gpt2")
+    with pytest.raises(CacheConfigError, match="no rotary position embedding"):
+        kv.cache("kivi", gpt2, pre_rope=True)

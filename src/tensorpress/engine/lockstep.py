@@ -2,21 +2,24 @@
 from the statistics of *all* batches before any batch goes past it: true-sequential compression
 (q/k/v, then o from the compressed q/k/v's outputs, then gate/up, then down) in one pass.
 
-Each batch runs in its own worker thread, but only the thread holding the turn computes (the
-scheduler hands the turn to one worker at a time), so each torch op still gets every core and
-no two forwards contend. The linears of a group are wrapped for the pass: the first member a
-worker calls adds the worker's input to the group's statistics and parks the worker. Once every
-worker is parked or finished, the scheduler compresses the earliest group waited on and resumes
-its workers, which go on with the compressed linears. The block's outputs are those of the
-compressed block: no separate propagation pass is needed.
+Each batch runs as a coroutine (a greenlet) on the calling thread: the linears of a group are
+wrapped for the pass, and the first member a batch calls adds the batch's input to the group's
+statistics and parks the batch. Once every batch is parked or finished, the scheduler compresses
+the earliest group waited on and resumes its batches, which go on with the compressed linears.
+The block's outputs are those of the compressed block: no separate propagation pass is needed.
+
+Greenlets rather than threads: every forward runs on one OS thread, so torch keeps one OpenMP
+team warm instead of one per batch, and at most one batch computes at a time by construction.
+(One block of smollm2-135m, 4 batches of 8 x 512 tokens, 2 cores, median of 5: 1.30 s with a
+thread per batch, 1.08 s with greenlets, 1.01 s running the batches one after the other.)
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
+import greenlet
 import torch
 from torch import nn
 
@@ -28,70 +31,38 @@ from tensorpress.parts import CompressedLinear
 BlockCall = tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]
 
 
-class _Abandoned(BaseException):
-    """Raised inside parked workers to unwind them when the pass stops early (an error)."""
-
-
 class _Scheduler:
-    """Coroutines on threads: ``run(jobs, resolve)`` runs each job in a worker; a worker calling
-    ``park(key)`` waits until the main thread has called ``resolve(key)``."""
+    """Coroutines: ``run(jobs, resolve)`` runs each job in a greenlet; a job calling
+    ``park(key)`` is suspended until the scheduler has called ``resolve(key)``."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._turn: int | None = None
         self._parked: dict[int, int] = {}
-        self._finished: set[int] = set()
-        self._abandon = False
-        self._local = threading.local()
+        self._current: int | None = None
+        self._main: greenlet.greenlet | None = None
 
     def park(self, key: int) -> None:
-        me = self._local.index
-        with self._cond:
-            self._parked[me] = key
-            self._turn = None
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: self._turn == me)
-            if self._abandon:
-                raise _Abandoned
-
-    def _give_turn(self, worker: int) -> None:
-        with self._cond:
-            self._turn = worker
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: self._turn is None)
+        assert self._main is not None and self._current is not None
+        self._parked[self._current] = key
+        self._main.switch()
 
     def run(self, jobs: list[Callable[[], Any]], resolve: Callable[[int], None]) -> list[Any]:
         results: list[Any] = [None] * len(jobs)
-        errors: list[BaseException] = []
 
-        def worker(index: int) -> None:
-            self._local.index = index
-            with self._cond:
-                self._cond.wait_for(lambda: self._turn == index)
-            try:
-                if not self._abandon:
-                    with torch.inference_mode():
-                        results[index] = jobs[index]()
-            except _Abandoned:
-                pass
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, raised there
-                errors.append(exc)
-            finally:
-                with self._cond:
-                    self._finished.add(index)
-                    self._turn = None
-                    self._cond.notify_all()
+        def body(index: int) -> Callable[[], None]:
+            def go() -> None:
+                results[index] = jobs[index]()
+            return go
 
-        threads = [threading.Thread(target=worker, args=(i,), daemon=True, name=f"tensorpress-batch-{i}") for i in range(len(jobs))]
-        for t in threads:
-            t.start()
+        self._main = greenlet.getcurrent()
+        workers = [greenlet.greenlet(body(i)) for i in range(len(jobs))]
         try:
             runnable = list(range(len(jobs)))
             while True:
                 for index in runnable:
-                    self._give_turn(index)
-                    if errors:
-                        raise errors[0]
+                    self._current = index
+                    # Grad mode is per thread: batches run in inference mode, ``resolve`` as called.
+                    with torch.inference_mode():
+                        workers[index].switch()  # an error in the job is raised here
                 if not self._parked:
                     break
                 key = min(self._parked.values())
@@ -100,11 +71,10 @@ class _Scheduler:
                 for index in runnable:
                     del self._parked[index]
         finally:
-            self._abandon = True
-            for index in list(self._parked):
-                self._give_turn(index)
-            for t in threads:
-                t.join()
+            for worker in workers:  # unwind batches left parked by an error
+                if not worker.dead:
+                    worker.throw(greenlet.GreenletExit)
+            self._main = self._current = None
         return results
 
 

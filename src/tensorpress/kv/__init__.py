@@ -23,7 +23,7 @@ import torch
 from pydantic import ValidationError
 
 from tensorpress.errors import CacheConfigError
-from tensorpress.kv.base import CacheSettings, EvictionSettings, FullLayer, KVCache, KVLayer, install
+from tensorpress.kv.base import CacheSettings, EvictionSettings, FullLayer, KVCache, KVLayer, Rotary, install, rotary_frequencies
 from tensorpress.kv.evict import (
     H2OLayer,
     H2OSettings,
@@ -122,6 +122,9 @@ def cache(name: str, lm: Any, calibration: Any = None, **settings: Any) -> KVCac
             _LOWRANK_MEMO.clear()
             _LOWRANK_MEMO[key] = bases
         layers = [LowRankLayer(s, i, basis=bases[i]) for i in range(num_layers)]
+    elif getattr(s, "pre_rope", False):
+        rotary = Rotary(rotary_frequencies(model))  # one table shared by every layer
+        layers = [method.layer(s, i, rotary=rotary) for i in range(num_layers)]
     else:
         layers = [method.layer(s, i) for i in range(num_layers)]
     return KVCache(name, s, layers)

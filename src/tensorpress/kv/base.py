@@ -298,6 +298,58 @@ def install(model: torch.nn.Module) -> None:
                                    "tensorpress KV caches cannot drive it (it needs transformers' AttentionInterface)")
 
 
+# -- rotary embedding ------------------------------------------------------------------------------
+
+
+def rotary_frequencies(model: torch.nn.Module) -> torch.Tensor:
+    """The rotary frequencies (``inv_freq``, (rotary_dim/2,)) of a model's attention."""
+    found = [m.inv_freq for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    if not found:
+        raise CacheConfigError(f"{type(model).__name__} has no rotary position embedding (no module with "
+                               "inv_freq); pre_rope needs one")
+    if any(f.shape != found[0].shape or not torch.equal(f, found[0]) for f in found[1:]):
+        raise CacheConfigError(f"{type(model).__name__} uses several different rotary embeddings; pre_rope "
+                               "supports models with one")
+    return found[0].detach().float().cpu()
+
+
+class Rotary:
+    """Undo and redo a rotate-half rotary embedding on cached keys, token ``t`` at angle
+    ``t * inv_freq`` over the first ``2 * len(inv_freq)`` channels.
+
+    Undoing uses the same tables as redoing, so the round trip is exact up to float32 rounding
+    whatever the model's own position ids were (left padding shifts them by a constant per row,
+    which only turns the stored keys by a fixed angle per channel pair)."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq.float()
+        self.dims = 2 * inv_freq.numel()
+        self.cos: torch.Tensor | None = None  # (T, dims) float32
+        self.sin: torch.Tensor | None = None
+
+    def _tables(self, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos is None or self.cos.shape[0] < end or self.cos.device != device:
+            n = max(end, 256, 0 if self.cos is None else 2 * self.cos.shape[0])
+            angle = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None]
+            angle = torch.cat([angle, angle], dim=-1)
+            self.cos, self.sin = angle.cos().to(device), angle.sin().to(device)
+        return self.cos, self.sin
+
+    def apply(self, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
+        """Rotate ``x`` (..., T, d), token i at position ``start + i``, back if ``inverse``; float32 out."""
+        n, d = x.shape[-2], x.shape[-1]
+        if self.dims > d:
+            raise CacheConfigError(f"rotary embedding spans {self.dims} channels but the head dimension is {d}")
+        cos, sin = self._tables(start + n, x.device)
+        cos, sin = cos[start:start + n], sin[start:start + n]
+        x = x.float()
+        r = x[..., :self.dims]
+        half = self.dims // 2
+        turned = torch.cat([-r[..., half:], r[..., :half]], dim=-1)  # rotate_half
+        out = r * cos - turned * sin if inverse else r * cos + turned * sin
+        return torch.cat([out, x[..., self.dims:]], dim=-1) if self.dims < d else out
+
+
 # -- token stores --------------------------------------------------------------------------------
 
 

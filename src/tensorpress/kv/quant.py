@@ -1,10 +1,12 @@
 """Quantized caches: KIVI (keys per channel, values per token, a full-precision residual window)
 and GEAR (the same plus a low-rank approximation of the quantization error and sparse outliers).
 
-Both work after rotary embedding, on the states ``transformers`` hands to the cache: KIVI's
-observation that key outliers sit in fixed channels holds for rotated keys too (RoPE mixes
-channel pairs, it does not move outliers across pairs), and quantizing before RoPE would need
-the positions at read time.
+By default both work after rotary embedding, on the states ``transformers`` hands to the cache:
+KIVI's observation that key outliers sit in fixed channels holds for rotated keys too (RoPE mixes
+channel pairs, it does not move outliers across pairs). With ``pre_rope=True`` (as in KVQuant)
+keys are turned back to before the rotation when they are quantized and turned again when read:
+a channel pair then keeps its direction across the tokens of a group instead of spinning with
+the position, so per-channel ranges are tighter. The newest ``residual`` tokens stay as given.
 
 Storage layout: quantized tokens are appended along dim 0 so blocks concatenate without repacking.
 
@@ -26,7 +28,7 @@ import torch
 from pydantic import Field, field_validator
 
 from tensorpress.errors import CacheConfigError
-from tensorpress.kv.base import CacheSettings, KVLayer
+from tensorpress.kv.base import CacheSettings, KVLayer, Rotary
 
 QUANT_BITS = (2, 3, 4, 8, 16)
 
@@ -134,6 +136,7 @@ class QuantSettings(CacheSettings):
     bits: int = Field(2, description="bits per key/value code: 2, 3, 4, 8, or 16 (unquantized, in `dtype`)")
     group_size: int = Field(32, ge=8, description="tokens per key group; channels per value group")
     residual: int = Field(128, ge=0, description="most recent tokens kept in full precision")
+    pre_rope: bool = Field(False, description="quantize keys as they were before rotary embedding (needs a RoPE model)")
 
     @field_validator("bits")
     @classmethod
@@ -165,8 +168,11 @@ class KiviLayer(KVLayer):
 
     flush_multiple: int  # tokens moved to the quantized store at a time
 
-    def __init__(self, settings: QuantSettings, layer_idx: int, cache=None):
+    def __init__(self, settings: QuantSettings, layer_idx: int, cache=None, rotary: Rotary | None = None):
         super().__init__(settings, layer_idx, cache)
+        if settings.pre_rope and rotary is None:
+            raise CacheConfigError("pre_rope=True needs the model's rotary frequencies (build the cache with tp.kv.cache)")
+        self.rotary = rotary if settings.pre_rope else None
         self.flush_multiple = settings.group_size
         self.clear()
 
@@ -216,6 +222,8 @@ class KiviLayer(KVLayer):
             self.res_values = torch.cat([self.res_values, values], dim=2)
         if len(self.qkeys):
             qk, qv = self.corrections(*self.read_quantized(self.dtype))
+            if self.rotary is not None:  # stored before rotation: token t turned by position t
+                qk = self.rotary.apply(qk, 0).to(self.dtype)
             out_k = torch.cat([qk, self.res_keys.to(self.dtype)], dim=2)
             out_v = torch.cat([qv, self.res_values.to(self.dtype)], dim=2)
         else:
@@ -224,7 +232,10 @@ class KiviLayer(KVLayer):
         extra = self.res_keys.shape[2] - self.settings.residual
         n = (extra // self.flush_multiple) * self.flush_multiple if extra > 0 else 0
         if n:
-            self.quantize_block(self.res_keys[:, :, :n], self.res_values[:, :, :n])
+            keys = self.res_keys[:, :, :n]
+            if self.rotary is not None:
+                keys = self.rotary.apply(keys, self.quantized_tokens(), inverse=True).to(self.store_dtype)
+            self.quantize_block(keys, self.res_values[:, :, :n])
             self.res_keys = self.res_keys[:, :, n:].contiguous()
             self.res_values = self.res_values[:, :, n:].contiguous()
         return out_k, out_v, None
@@ -257,8 +268,8 @@ class GearLayer(KiviLayer):
     """GEAR: outliers (largest |x|) kept exactly, the rest quantized as KIVI, and a rank-r SVD of
     the remaining error over all heads of the block (tokens x (heads * head_dim))."""
 
-    def __init__(self, settings: GearSettings, layer_idx: int, cache=None):
-        super().__init__(settings, layer_idx, cache)
+    def __init__(self, settings: GearSettings, layer_idx: int, cache=None, rotary: Rotary | None = None):
+        super().__init__(settings, layer_idx, cache, rotary)
         if settings.block % settings.group_size:
             raise CacheConfigError(f"GEAR block {settings.block} must be a multiple of group_size {settings.group_size}")
         self.flush_multiple = settings.block

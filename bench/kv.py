@@ -66,6 +66,9 @@ def configs(context: int) -> dict[str, tuple[str, dict]]:
     # fractions chosen so the bytes match H2O at 2x and 4x.
     out["mikv@2x"] = ("mikv", {"ratio": 0.37, "bits": 2})
     out["mikv@4x"] = ("mikv", {"ratio": 0.05, "bits": 2})
+    # The same with low-precision keys per token (as the values) instead of per channel.
+    out["mikv-token@2x"] = ("mikv", {"ratio": 0.37, "bits": 2, "keys": "token"})
+    out["mikv-token@4x"] = ("mikv", {"ratio": 0.05, "bits": 2, "keys": "token"})
     # MiniCache merges only the deeper half of the layers: about 1.3x on its own.
     out["minicache@1.3x"] = ("minicache", {"retain": 0.05})
     return out

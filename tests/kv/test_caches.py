@@ -114,7 +114,7 @@ def test_eviction_keeps_the_budget(lm, ids, name):
         assert (index[..., -2:] == torch.tensor([38, 39], dtype=torch.int32)).all()  # recent window kept
         assert (index.diff(dim=-1) > 0).all()  # chronological, no duplicates
     if name == "mikv":  # the rest is kept at low precision, not dropped
-        assert all(layer.lo_index.shape[0] == 30 for layer in cache.layers)
+        assert all(layer.low_precision_tokens() == 30 for layer in cache.layers)
 
 
 def test_streaming_keeps_sinks_and_window(lm, ids):
@@ -336,3 +336,27 @@ def test_pre_rope_needs_rotary_embeddings():
     gpt2 = tiny_model("gpt2")
     with pytest.raises(CacheConfigError, match="no rotary position embedding"):
         kv.cache("kivi", gpt2, pre_rope=True)
+
+
+@pytest.mark.parametrize("keys", ["channel", "token"])
+def test_mikv_low_precision_tokens_are_the_evicted_states_quantized(lm, ids, keys):
+    full = make("full", lm, dtype="float32")
+    chunked(lm, ids, full, chunk=8)
+    cache = make("mikv", lm, ratio=0.25, window=2, bits=4, group_size=8, keys=keys, dtype="float32")
+    chunked(lm, ids, cache, chunk=8)
+    layer = cache.layers[0]  # its keys depend on the tokens only, not on what the cache kept
+    b, h = layer.batch, layer.heads
+    if keys == "channel":  # (n/G, B, H, G, d): G evicted tokens per group; fewer still waiting
+        assert layer.lo_keys.dim == 3 and len(layer.pending) < 8
+    else:  # (n, B, H, d/G, G)
+        assert layer.lo_keys.dim == 4 and len(layer.pending) == 0
+    lo = layer.lo_keys.dequantize(torch.float32).permute(1, 2, 0, 3, 4).reshape(b, h, -1, layer.head_dim)
+    pos = layer.lo_index.permute(1, 2, 0).long()
+    exact = torch.gather(full.layers[0].store.keys, 2, pos[..., None].expand(-1, -1, -1, layer.head_dim))
+    step = (exact.amax() - exact.amin()) / 15
+    assert lo.shape == exact.shape and 0 < (lo - exact).abs().max() <= step / 2 + 1e-3
+    # Pending tokens are exact, and every evicted token is in one of the two stores.
+    if len(layer.pending):
+        waiting = torch.gather(full.layers[0].store.keys, 2, layer.pending.index.long()[..., None].expand(-1, -1, -1, layer.head_dim))
+        assert torch.equal(layer.pending.keys, waiting)
+    assert layer.low_precision_tokens() + len(layer.store) == 40

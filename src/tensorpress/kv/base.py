@@ -387,6 +387,14 @@ class TokenStore:
             self.values = torch.cat([self.values, values], dim=2)
             self.index = torch.cat([self.index, pos], dim=2) if self.positions else None
 
+    def pop_front(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Remove the first ``n`` tokens and return their (keys, values, positions)."""
+        out = (self.keys[:, :, :n], self.values[:, :, :n], self.index[:, :, :n])
+        self.keys = self.keys[:, :, n:].contiguous()
+        self.values = self.values[:, :, n:].contiguous()
+        self.index = self.index[:, :, n:].contiguous()
+        return out
+
     def keep(self, idx: torch.Tensor) -> None:
         """Keep tokens ``idx`` (B, H, K), sorted so the order stays chronological."""
         idx = idx.sort(dim=-1).values

@@ -52,7 +52,10 @@ class StreamingSettings(CacheSettings):
 
 class MiKVSettings(H2OSettings):
     bits: int = Field(2, description="bits of the tokens eviction would drop (2, 3, 4 or 8)")
-    group_size: int = Field(32, ge=8, description="channels per quantization group of a low-precision token")
+    group_size: int = Field(32, ge=8, description="quantization group: evicted tokens per key group (keys='channel'), "
+                            "channels per group of a token's values (and keys, with keys='token')")
+    keys: Literal["channel", "token"] = Field("channel", description="low-precision keys quantized per channel over "
+                                              "group_size evicted tokens (KIVI's layout) or per token")
 
     @field_validator("bits")
     @classmethod
@@ -174,18 +177,26 @@ class StreamingLayer(EvictingLayer):
 
 class MiKVLayer(H2OLayer):
     """MiKV: H2O's choice decides precision instead of presence. Tokens that would be evicted are
-    quantized per token (``bits``, groups of ``group_size`` channels) and stay attendable."""
+    quantized and stay attendable: values per token in groups of ``group_size`` channels; keys per
+    channel over groups of ``group_size`` evicted tokens (key outliers sit in fixed channels, so a
+    per-token range would be stretched by them), evicted tokens waiting at storage precision until
+    a group is complete, or per token like the values (``keys="token"``)."""
 
     def clear(self) -> None:
         super().clear()
-        self.lo_keys = QBlocks(self.settings.bits, dim=4)
+        per_channel = self.settings.keys == "channel"
+        self.lo_keys = QBlocks(self.settings.bits, dim=3 if per_channel else 4)
         self.lo_values = QBlocks(self.settings.bits, dim=4)
-        self.lo_index: torch.Tensor | None = None  # (n, B, H) int32
+        self.lo_index: torch.Tensor | None = None  # (n, B, H) int32, quantized tokens
+        self.pending = TokenStore(self.store_dtype)  # evicted, waiting for a whole key group
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
         self.kgroup = check_value_groups(self.head_dim, self.settings.group_size)
         self.vgroup = check_value_groups(self.value_dim, self.settings.group_size)
+
+    def low_precision_tokens(self) -> int:
+        return (0 if self.lo_index is None else self.lo_index.shape[0]) + len(self.pending)
 
     def dropped(self, keep: torch.Tensor) -> None:
         total = len(self.store)
@@ -196,29 +207,46 @@ class MiKVLayer(H2OLayer):
         k = torch.gather(self.store.keys, 2, gone[..., None].expand(-1, -1, -1, self.head_dim))
         v = torch.gather(self.store.values, 2, gone[..., None].expand(-1, -1, -1, self.value_dim))
         pos = torch.gather(self.store.index, 2, gone)
-        n = gone.shape[2]
-        k = k.permute(2, 0, 1, 3).reshape(n, b, h, self.head_dim // self.kgroup, self.kgroup)
+        g = self.settings.group_size
+        if self.settings.keys == "channel":
+            self.pending.extend(k, v, pos)
+            n = len(self.pending) // g * g
+            if not n:
+                return
+            k, v, pos = self.pending.pop_front(n)
+            qk = k.reshape(b, h, n // g, g, self.head_dim).permute(2, 0, 1, 3, 4)  # (n/G, B, H, G, d)
+            self.lo_keys.extend(QBlocks.quantize(qk.contiguous(), self.settings.bits, dim=3))
+        else:
+            n = gone.shape[2]
+            qk = k.permute(2, 0, 1, 3).reshape(n, b, h, self.head_dim // self.kgroup, self.kgroup)
+            self.lo_keys.extend(QBlocks.quantize(qk.contiguous(), self.settings.bits, dim=4))
         v = v.permute(2, 0, 1, 3).reshape(n, b, h, self.value_dim // self.vgroup, self.vgroup)
-        self.lo_keys.extend(QBlocks.quantize(k.contiguous(), self.settings.bits, dim=4))
         self.lo_values.extend(QBlocks.quantize(v.contiguous(), self.settings.bits, dim=4))
         pos = pos.permute(2, 0, 1)
         self.lo_index = pos.contiguous() if self.lo_index is None else torch.cat([self.lo_index, pos])
 
     def append(self, keys, values, start):
         hi_k, hi_v, hi_idx = super().append(keys, values, start)
-        if self.lo_index is None:
-            return hi_k, hi_v, hi_idx
+        ks, vs, idx = [], [], []
         b, h = self.batch, self.heads
-        lo_k = self.lo_keys.dequantize(self.dtype).permute(1, 2, 0, 3, 4).reshape(b, h, -1, self.head_dim)
-        lo_v = self.lo_values.dequantize(self.dtype).permute(1, 2, 0, 3, 4).reshape(b, h, -1, self.value_dim)
-        lo_idx = self.lo_index.permute(1, 2, 0).long()
-        return (torch.cat([lo_k, hi_k.to(self.dtype)], dim=2), torch.cat([lo_v, hi_v.to(self.dtype)], dim=2),
-                torch.cat([lo_idx, hi_idx], dim=2))
+        if self.lo_index is not None:
+            ks.append(self.lo_keys.dequantize(self.dtype).permute(1, 2, 0, 3, 4).reshape(b, h, -1, self.head_dim))
+            vs.append(self.lo_values.dequantize(self.dtype).permute(1, 2, 0, 3, 4).reshape(b, h, -1, self.value_dim))
+            idx.append(self.lo_index.permute(1, 2, 0).long())
+        if len(self.pending):
+            ks.append(self.pending.keys.to(self.dtype))
+            vs.append(self.pending.values.to(self.dtype))
+            idx.append(self.pending.index.long())
+        if not ks:
+            return hi_k, hi_v, hi_idx
+        # Full-precision tokens (new ones last) after the low-precision ones.
+        return (torch.cat([*ks, hi_k.to(self.dtype)], dim=2), torch.cat([*vs, hi_v.to(self.dtype)], dim=2),
+                torch.cat([*idx, hi_idx], dim=2))
 
     def score(self, step, query, mask, scaling) -> None:
-        lo = 0 if self.lo_index is None else self.lo_index.shape[0]
+        lo = self.low_precision_tokens()
         received = attention_received(query, step.keys, mask, scaling)
         self.scores = self.scores + received[..., lo:]  # only the full-precision tokens compete
 
     def held(self):
-        return [*super().held(), *self.lo_keys.held(), *self.lo_values.held(), self.lo_index]
+        return [*super().held(), *self.lo_keys.held(), *self.lo_values.held(), self.lo_index, *self.pending.held()]

@@ -10,9 +10,9 @@ from tensorpress.parts.quant_math import quantize_rtn
     "in_f, bits, group, symmetric",
     [
         (256, 4, 64, False),
-        (576, 4, 128, False),  # shorter last group (64): packed main part + packed tail
-        (160, 4, 64, True),  # tail of 32
-        (200, 4, 64, False),  # tail of 8: dense tail
+        (576, 4, 128, False),  # shorter last group (64): packed with zero padding to 640
+        (160, 4, 64, True),  # last group of 32
+        (200, 4, 64, False),  # last group of 8
         (576, 8, None, True),  # int8 per-channel kernel
     ],
 )

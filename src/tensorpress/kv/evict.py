@@ -228,10 +228,9 @@ class MiKVLayer(H2OLayer):
     def append(self, keys, values, start):
         hi_k, hi_v, hi_idx = super().append(keys, values, start)
         ks, vs, idx = [], [], []
-        b, h = self.batch, self.heads
         if self.lo_index is not None:
-            ks.append(self.lo_keys.dequantize(self.dtype).permute(1, 2, 0, 3, 4).reshape(b, h, -1, self.head_dim))
-            vs.append(self.lo_values.dequantize(self.dtype).permute(1, 2, 0, 3, 4).reshape(b, h, -1, self.value_dim))
+            ks.append(self.lo_keys.tokens(self.dtype))
+            vs.append(self.lo_values.tokens(self.dtype))
             idx.append(self.lo_index.permute(1, 2, 0).long())
         if len(self.pending):
             ks.append(self.pending.keys.to(self.dtype))

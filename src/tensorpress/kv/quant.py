@@ -128,6 +128,13 @@ class QBlocks:
         codes = unpack_last(self.planes, self.bits)
         return (codes.to(dtype) * self.scale.to(dtype) + self.zero.to(dtype))
 
+    def tokens(self, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized as (B, H, n, d) from either layout: per channel ``(n/G, B, H, G, d)`` or
+        per token ``(n, B, H, d/G, G)``."""
+        x = self.dequantize(dtype)
+        channels = x.shape[4] if self.dim == 3 else x.shape[3] * x.shape[4]
+        return x.permute(1, 2, 0, 3, 4).reshape(x.shape[1], x.shape[2], -1, channels)
+
     def held(self) -> list[torch.Tensor | None]:
         return [*self.planes, self.scale, self.zero]
 
@@ -193,12 +200,8 @@ class KiviLayer(KVLayer):
 
     def read_quantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized (B, H, n, d) keys and values of the quantized store."""
-        g = self.settings.group_size
-        k = self.qkeys.dequantize(dtype)  # (n/G, B, H, G, d)
-        k = k.permute(1, 2, 0, 3, 4).reshape(self.batch, self.heads, -1, self.head_dim)
-        v = self.qvalues.dequantize(dtype)  # (n, B, H, d/Gv, Gv)
-        v = v.permute(1, 2, 0, 3, 4).reshape(self.batch, self.heads, -1, self.value_dim)
-        assert k.shape[2] == v.shape[2] == len(self.qkeys) * g
+        k, v = self.qkeys.tokens(dtype), self.qvalues.tokens(dtype)
+        assert k.shape[2] == v.shape[2] == self.quantized_tokens()
         return k, v
 
     def quantize_block(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -323,8 +326,7 @@ class GearLayer(KiviLayer):
         super().quantize_block(kept[0], kept[1])
         # Dequantize just this block: the last n/G key groups and n value tokens.
         qk, qv = self.qkeys.tail(before), self.qvalues.tail(before * g)
-        dk = qk.dequantize(torch.float32).permute(1, 2, 0, 3, 4).reshape(b, h, n, d)
-        dv = qv.dequantize(torch.float32).permute(1, 2, 0, 3, 4).reshape(b, h, n, values.shape[-1])
+        dk, dv = qk.tokens(torch.float32), qv.tokens(torch.float32)
         self.fix_k.append(self._correction(keys, dk))
         self.fix_v.append(self._correction(values, dv))
 

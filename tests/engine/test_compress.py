@@ -128,15 +128,42 @@ def test_calibrated_compression_runs_on_every_causal_architecture():
         torch.testing.assert_close(_out(res.model, ids), _out(lm, ids), rtol=1e-4, atol=1e-4)
 
 
-def test_wide_inputs_accumulate_the_upper_triangle_only_and_match():
-    from tensorpress.engine.stats import InputStats
+@pytest.mark.parametrize("path", ["syrk", "torch"])
+@pytest.mark.parametrize("width", [40, 1000])
+def test_gram_matrix_of_one_triangle_matches_the_full_product(monkeypatch, path, width):
+    """Both ways of accumulating X^T X (BLAS syrk into the lower triangle; torch products, over
+    the upper triangle when wide) give the full symmetric sum, also when read twice."""
+    from tensorpress.engine import blas
+    from tensorpress.engine import stats as stats_mod
 
-    x = torch.randn(3, 50, 1000)
-    stats = InputStats(1000, frozenset({"xtx"}), torch.device("cpu"))
+    if path == "syrk" and not blas.syrk_available():
+        pytest.skip("torch's BLAS has no ssyrk here")
+    if path == "torch":
+        monkeypatch.setattr(stats_mod, "syrk_lower", lambda x, out: False)
+    x = torch.randn(3, 50, width)
+    stats = stats_mod.InputStats(width, frozenset({"xtx"}), torch.device("cpu"))
     for batch in x:
         stats.update(batch)
-    flat = x.reshape(-1, 1000).double()
-    torch.testing.assert_close(stats.as_dict()["xtx"], flat.T @ flat, rtol=1e-5, atol=1e-3)
+    flat = x.reshape(-1, width).double()
+    first = stats.as_dict()["xtx"]
+    torch.testing.assert_close(first, flat.T @ flat, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(stats.as_dict()["xtx"], first, rtol=0, atol=0)
+    stats.update(x[0])  # a batch after reading keeps the sum whole
+    torch.testing.assert_close(stats.as_dict()["xtx"], flat.T @ flat + x[0].double().T @ x[0].double(), rtol=1e-5, atol=1e-3)
+
+
+def test_syrk_writes_only_the_lower_triangle():
+    from tensorpress.engine.blas import syrk_available, syrk_lower
+
+    if not syrk_available():
+        pytest.skip("torch's BLAS has no ssyrk here")
+    x = torch.randn(70, 9)
+    out = torch.full((9, 9), 7.0)
+    assert syrk_lower(x, out)
+    torch.testing.assert_close(torch.tril(out), torch.tril(x.T @ x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.triu(out, 1), torch.triu(torch.full((9, 9), 7.0), 1))
+    assert not syrk_lower(x.double(), out.double())  # not float32: the caller multiplies itself
+    assert not syrk_lower(x.T, out)  # not contiguous
 
 
 def test_dense_cache_gives_the_same_outputs_and_is_dropped_after():

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorpress.engine.blas import syrk_lower
 from tensorpress.engine.linears import in_features, out_features
 
 # Above this width, X^T X is accumulated blockwise over its upper triangle only: (k+1)/2k of the
@@ -38,7 +39,10 @@ class InputStats:
     def __init__(self, in_features: int, needs: frozenset[str], device: torch.device) -> None:
         self.needs = needs
         self.tokens = 0
-        self._mirrored = False
+        # what ``xtx`` holds: "empty", "lower" (BLAS syrk, through a float32 scratch), "upper"
+        # (blockwise torch products) or "full"; one triangle is mirrored by ``as_dict``
+        self._triangle = "empty"
+        self._scratch: torch.Tensor | None = None
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if "xtx" in needs else None
         self.act_sq = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_sq" in needs else None
         self.act_abs = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_abs" in needs else None
@@ -47,24 +51,42 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
         self.tokens += x.shape[0]
         if self.xtx is not None:
-            if x.shape[1] <= _GRAM_BLOCK:
-                self.xtx += (x.T @ x).double()
-            else:
-                for rows, cols, block in _gram_upper(x):
-                    self.xtx[rows, cols] += block.double()
+            self._add_gram(x)
         if self.act_sq is not None:
             self.act_sq += x.square().sum(dim=0).double()
         if self.act_abs is not None:
             self.act_abs += x.abs().sum(dim=0).double()
 
+    def _add_gram(self, x: torch.Tensor) -> None:
+        n = x.shape[1]
+        if self._triangle in ("empty", "lower") and x.device.type == "cpu":
+            if self._scratch is None:
+                self._scratch = torch.zeros(n, n)  # its strict upper triangle is never written
+            if syrk_lower(x.contiguous(), self._scratch):
+                self.xtx += self._scratch.double()  # (explicit: a mixed-dtype in-place add is 3x slower)
+                self._triangle = "lower"
+                return
+        if self._triangle == "lower":  # only if BLAS vanished between batches: keep one layout
+            self.xtx += torch.tril(x.T @ x).double()
+        elif n <= _GRAM_BLOCK or self._triangle == "full":
+            self.xtx += (x.T @ x).double()
+            self._triangle = "full"
+        else:
+            self._triangle = "upper"
+            for rows, cols, block in _gram_upper(x):
+                self.xtx[rows, cols] += block.double()
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tokens": self.tokens}
         if self.xtx is not None:
-            if self.xtx.shape[0] > _GRAM_BLOCK and not self._mirrored:
-                # only the upper triangle was accumulated; mirror it once (linears sharing this
-                # input ask for it once each)
+            if self._triangle == "upper":
+                # one triangle was accumulated; mirror it once (linears sharing this input ask
+                # for it once each)
                 self.xtx = torch.triu(self.xtx) + torch.triu(self.xtx, diagonal=1).T
-                self._mirrored = True
+            elif self._triangle == "lower":
+                self.xtx = torch.tril(self.xtx) + torch.tril(self.xtx, diagonal=-1).T
+            self._triangle = "full"
+            self._scratch = None
             out["xtx"] = self.xtx
         if self.act_sq is not None:
             out["act_sq"] = self.act_sq

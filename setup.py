@@ -1,7 +1,9 @@
-"""Build step for the one compiled piece: the entropy coder of ``tensorpress.lossless``.
+"""Build step for the compiled pieces: the entropy coder of ``tensorpress.lossless`` and the
+int4 matmul kernel of ``tensorpress.parts``.
 
-It is a plain C shared library (no Python API) that the package loads with ctypes; everything
-else is configured in pyproject.toml.
+Both are plain C shared libraries (no Python API) that the package loads with ctypes; everything
+else is configured in pyproject.toml. The kernel uses OpenMP: it links ``libgomp.so.1``, the
+runtime torch's CPU build already loaded, so the two share one thread pool.
 """
 
 from setuptools import Extension, setup
@@ -12,6 +14,12 @@ setup(
             "tensorpress.lossless._rans",
             sources=["src/tensorpress/lossless/_rans.c"],
             extra_compile_args=["-O3", "-std=c99"],
-        )
+        ),
+        Extension(
+            "tensorpress.parts._int4",
+            sources=["src/tensorpress/parts/_int4.c"],
+            extra_compile_args=["-O3", "-std=gnu99", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+        ),
     ]
 )

@@ -1,9 +1,12 @@
 import pytest
 import torch
 
+from tensorpress.errors import TensorpressError
 from tensorpress.parts import QuantizedPart
-from tensorpress.parts.kernels import PackedWeight, packed_kernels
+from tensorpress.parts.kernels import PackedWeight, int4_kernel_available, packed_kernels
 from tensorpress.parts.quant_math import quantize_rtn
+
+needs_ours = pytest.mark.skipif(not int4_kernel_available(), reason="our int4 kernel needs x86-64 with AVX2 and FMA")
 
 
 @pytest.mark.parametrize(
@@ -16,34 +19,93 @@ from tensorpress.parts.quant_math import quantize_rtn
         (576, 8, None, True),  # int8 per-channel kernel
     ],
 )
-def test_packed_kernels_agree_with_the_dense_path(in_f, bits, group, symmetric):
+def test_torch_kernels_agree_with_the_dense_path(in_f, bits, group, symmetric):
     w = torch.randn(96, in_f)
     codes, grid = quantize_rtn(w, bits, group, symmetric)
     part = QuantizedPart(codes, grid)
-    assert PackedWeight.supports(grid, 96, in_f)
     x = torch.randn(3, 5, in_f)
     dense = part(x)
-    with packed_kernels():
+    with packed_kernels(int4="torch"):
+        assert PackedWeight.supports(grid, 96, in_f)
         packed = part(x)
-    assert part._packed is not None
-    # the kernels compute with bfloat16 activations and scales (their only fast path here)
+    assert part._packed is not None and part._packed.backend in ("torch", "int8")
+    # torch's kernels compute with bfloat16 activations and scales (their only fast path here)
     torch.testing.assert_close(packed, dense, rtol=2e-2, atol=1e-2 * dense.abs().max().item())
     assert packed.dtype == torch.float32 and not torch.equal(packed, dense)
     # many tokens at once (prefill): dequantize + float32 GEMM, exactly the dense path
     many = torch.randn(2, 20, in_f)
-    with packed_kernels():
+    with packed_kernels(int4="torch"):
         assert torch.equal(part(many), torch.nn.functional.linear(many, part.dense()))
+
+
+@needs_ours
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize(
+    "out_f, in_f, group, symmetric",
+    [
+        (96, 576, 128, False),  # shorter last group (64), no padding needed
+        (8, 256, 64, True),  # 8 rows: torch's op needs multiples of 16, ours does not
+        (40, 192, None, False),  # one group per row
+        (24, 128, 64, False),
+    ],
+)
+def test_our_int4_kernel_agrees_with_the_dense_path_in_float32(tokens, out_f, in_f, group, symmetric):
+    codes, grid = quantize_rtn(torch.randn(out_f, in_f) * 3, 4, group, symmetric)
+    part = QuantizedPart(codes, grid)
+    x = torch.randn(tokens, in_f)
+    dense = part(x)
+    with packed_kernels():
+        packed = part(x)
+    assert part._packed.backend == "tensorpress"
+    # float32 activations and scales: only the summation order differs from the dense GEMM
+    torch.testing.assert_close(packed, dense, rtol=1e-5, atol=1e-5 * dense.abs().max().item())
+    bf16 = part(x.bfloat16())  # kernels off again: the dense path
+    with packed_kernels():
+        assert part(x.bfloat16()).dtype == torch.bfloat16
+        torch.testing.assert_close(part(x.bfloat16()), bf16, rtol=2e-2, atol=2e-2 * bf16.abs().max().item())
+
+
+@needs_ours
+def test_our_kernel_is_preferred_and_the_backend_switch_repacks():
+    codes, grid = quantize_rtn(torch.randn(32, 256), 4, 64, False)
+    part = QuantizedPart(codes, grid)
+    x = torch.randn(1, 256)
+    with packed_kernels():
+        part(x)
+        assert part._packed.backend == "tensorpress"
+        with packed_kernels(int4="torch"):
+            part(x)
+            assert part._packed.backend == "torch"
+        part(x)
+        assert part._packed.backend == "tensorpress"
+    # widths our packing cannot take (not a multiple of 64) go to torch's op under "auto" ...
+    codes, grid = quantize_rtn(torch.randn(32, 200), 4, 64, False)
+    part = QuantizedPart(codes, grid)
+    with packed_kernels():
+        part(torch.randn(1, 200))
+        assert part._packed.backend == "torch"
+    # ... and to the dense path when ours is asked for explicitly
+    with packed_kernels(int4="tensorpress"):
+        x = torch.randn(1, 200)
+        assert torch.equal(part(x), torch.nn.functional.linear(x, part.dense()))
+        assert part._packed is None
+
+
+def test_unknown_int4_kernel_is_refused():
+    with pytest.raises(TensorpressError, match="'cuda'.*auto, tensorpress, torch"):
+        packed_kernels(int4="cuda")
 
 
 def test_layouts_the_kernels_cannot_take_fall_back_to_dense():
     w = torch.randn(8, 96)
-    # 3 bits; a group the op does not take; 8 bits grouped or asymmetric; 4 bits with 8 rows (< 16)
-    for bits, group, symmetric in ((3, 32, False), (4, 48, False), (8, 32, True), (8, None, False), (4, 32, False)):
+    # 3 bits; a group neither int4 kernel takes; 8 bits grouped or asymmetric; 4 bits, 8 rows (< 16), torch's op
+    cases = ((3, 32, False, "auto"), (4, 48, False, "auto"), (8, 32, True, "auto"), (8, None, False, "auto"), (4, 32, False, "torch"))
+    for bits, group, symmetric, backend in cases:
         codes, grid = quantize_rtn(w, bits, group, symmetric)
-        assert not PackedWeight.supports(grid, 8, 96)
         part = QuantizedPart(codes, grid)
         x = torch.randn(2, 96)
-        with packed_kernels():
+        with packed_kernels(int4=backend):
+            assert not PackedWeight.supports(grid, 8, 96)
             assert torch.equal(part(x), torch.nn.functional.linear(x, part.dense()))
         assert part._packed is None
 

@@ -14,12 +14,12 @@ import ctypes
 import sys
 from dataclasses import dataclass
 from functools import cache
-from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import numpy as np
 
 from tensorpress.errors import CodingError
+from tensorpress.native import find_library, looked_for
 
 PRECISIONS = range(10, 16)  # probability bits; <= 15 keeps every frequency in a uint16
 LANES = 8  # interleaved rANS states, as compiled into _rans.c
@@ -31,14 +31,12 @@ def library() -> ctypes.CDLL:
     if sys.byteorder != "little":
         raise CodingError("tensorpress.lossless supports little-endian machines only")
     here = Path(__file__).parent
-    candidates = [here / f"_rans{suffix}" for suffix in EXTENSION_SUFFIXES]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
+    lib = find_library(here, "_rans")
+    if lib is None:
         raise CodingError(
-            f"the compiled entropy coder is missing from {here} (looked for {[c.name for c in candidates]}); "
+            f"the compiled entropy coder is missing from {here} (looked for {looked_for('_rans')}); "
             "reinstall tensorpress from source with a C compiler present (pip install -e .)"
         )
-    lib = ctypes.CDLL(str(found))
     p, size = ctypes.c_void_p, ctypes.c_size_t
     lib.tp_rans_encode.argtypes = [p, size, p, p, ctypes.c_uint, ctypes.c_uint, p, size]
     lib.tp_rans_encode.restype = ctypes.c_long

@@ -13,7 +13,7 @@ import torch
 
 from tensorpress.parts.base import Part, dtype_bits, register_part
 from tensorpress.parts.coded import CodesStorage
-from tensorpress.parts.kernels import KERNEL_MAX_TOKENS, PackedWeight, kernels_enabled
+from tensorpress.parts.kernels import KERNEL_MAX_TOKENS, PackedWeight, kernel_mode
 from tensorpress.parts.packing import pack_bits, unpack_bits
 from tensorpress.parts.quant_math import QuantGrid, dequantize
 
@@ -33,6 +33,7 @@ class QuantizedPart(CodesStorage, Part):
         self.register_buffer("scales", grid.scales.contiguous())
         self.register_buffer("zeros", None if grid.zeros is None else grid.zeros.contiguous())
         self._packed: PackedWeight | None = None  # built on first use of a packed kernel
+        self._packed_mode: str | None = None  # the kernel setting ``_packed`` was decided under
 
     @property
     def grid(self) -> QuantGrid:
@@ -42,10 +43,14 @@ class QuantizedPart(CodesStorage, Part):
         return dequantize(self.codes, self.grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-            if self._packed is None and PackedWeight.supports(self.grid, self.out_features, self.in_features):
-                self._packed = PackedWeight(self.codes, self.grid)
-            if self._packed is not None and x.numel() // x.shape[-1] <= KERNEL_MAX_TOKENS:
+        # decode runs this once per linear per token: the kernel path does as little as it can
+        mode = kernel_mode()
+        if mode is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            if self._packed_mode != mode:  # first use, or another int4 kernel asked for: (re)pack
+                grid = self.grid
+                self._packed = PackedWeight(self.codes, grid) if PackedWeight.supports(grid, self.out_features, self.in_features) else None
+                self._packed_mode = mode
+            if self._packed is not None and x.numel() <= KERNEL_MAX_TOKENS * self.in_features:
                 return self._packed(x)
         return torch.nn.functional.linear(x, self.dense().to(x.dtype))
 

@@ -177,3 +177,13 @@ def test_dense_cache_gives_the_same_outputs_and_is_dropped_after():
         cached = res.model.model(input_ids=ids).logits
     torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
     assert all(m._dense_cache is None for m in res.model.model.modules() if isinstance(m, CompressedLinear))
+
+
+def test_head_stages_take_calibration_free_methods_only():
+    lm = tiny_model("llama")
+    with pytest.raises(RecipeError, match="LM head 'lm_head'.*rtn"):
+        tp.compress(lm, tp.Recipe(stages=[{"method": "gptq", "bits": 4, "ignore": []}]), None)
+    # a stage that selects the head alone is a valid stage (it matches no block linear)
+    res = tp.compress(lm, tp.Recipe(stages=[{"method": "rtn", "bits": 8, "targets": ["lm_head"], "ignore": []}]))
+    assert list(res.layers) == ["lm_head"]
+    assert isinstance(res.model.model.lm_head, CompressedLinear)

@@ -8,6 +8,7 @@ from conftest import ALL_ARCHS, tiny_model
 from tensorpress.errors import CheckpointError, OutputExistsError
 from tensorpress.io import checkpoint_bytes, read_manifest
 from tensorpress.io.checkpoint import MANIFEST
+from tensorpress.parts import CompressedLinear
 
 
 def _compress(arch="llama", recipe="rtn-w4g128"):
@@ -129,3 +130,23 @@ def test_deleted_tensor_file_is_detected(saved):
     (saved / "parts.safetensors").unlink()
     with pytest.raises(CheckpointError, match="parts.safetensors listed in the manifest is missing"):
         tp.load_compressed(saved)
+
+
+def test_quantized_head_is_untied_from_the_embeddings_and_reloads(tmp_path):
+    lm = tiny_model("gpt2")  # tied embeddings
+    embedding = lm.model.transformer.wte.weight.detach().clone()
+    result = tp.compress(lm, tp.recipes.get("rtn-w4g128-head"))
+    model = result.model.model
+    assert isinstance(model.lm_head, CompressedLinear) and "lm_head" in result.layers
+    assert not model.config.tie_word_embeddings
+    assert torch.equal(model.transformer.wte.weight, embedding)  # the lookup table is untouched
+    ids = torch.randint(3, 300, (2, 20))
+    ref = lm.model(input_ids=ids).logits
+    out = model(input_ids=ids).logits
+    assert not torch.equal(out, ref)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0.25 * ref.abs().max().item())
+    result.save(tmp_path / "c")
+    assert read_manifest(tmp_path / "c")["aliases"] == {}
+    again = tp.load_compressed(tmp_path / "c")
+    assert torch.equal(again.model(input_ids=ids).logits, out)
+    assert torch.equal(again.model.transformer.wte.weight, embedding)

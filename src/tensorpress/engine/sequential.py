@@ -121,17 +121,66 @@ def _stage_linears(lm: LoadedModel, block: nn.Module, block_name: str, stage: Me
     ]
 
 
+def _head(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The LM head (``get_output_embeddings``) as ``(name, module)``, if the model has a linear one."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if head is None or not is_linear(head):
+        return None
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    return None if name is None else (name, head)
+
+
+def _head_stages(model: nn.Module, recipe: Recipe) -> list[MethodConfig]:
+    """The stages that select the LM head (none by default: ``lm_head`` is in the default
+    ``ignore``). Only methods that need no calibration statistics can take it: the engine
+    gathers statistics for block linears only."""
+    head = _head(model)
+    if head is None:
+        return []
+    chosen = [stage for stage in recipe.stages if stage.selects(head[0])]
+    for stage in chosen:
+        if stage.needs or stage.scales_inputs() or getattr(stage, "target_bits", None) is not None or stage.wants_allocation():
+            raise RecipeError(
+                f"stage {stage.name} selects the LM head {head[0]!r}, but the head takes only methods that need no "
+                "calibration statistics or allocation (e.g. rtn, nf4); add it to this stage's ignore and quantize it in a "
+                "separate stage"
+            )
+    return chosen
+
+
 def _validate_targets(lm: LoadedModel, model: nn.Module, recipe: Recipe) -> None:
     prefix = lm.adapter.blocks_path(model)
     blocks = lm.adapter.blocks(model)
     example = f"{prefix}.0.{lm.adapter.block_linears()[0]}"
+    head = _head(model)
     for i, stage in enumerate(recipe.stages):
+        if head is not None and stage.selects(head[0]):
+            continue
         if not any(_stage_linears(lm, b, f"{prefix}.{j}", stage) for j, b in enumerate(blocks)):
             raise RecipeError(
                 f"stage {i + 1} ({stage.name}): targets {stage.targets} minus ignore "
                 f"{stage.ignore} match no linear of the model's blocks (names look like "
                 f"{example!r})"
             )
+
+
+def _compress_head(model: nn.Module, stages: list[MethodConfig], layers: dict[str, LayerReport], timings: dict[str, float]) -> None:
+    """Run ``stages`` on the LM head. A head tied to the input embeddings is untied first: the
+    embeddings keep the original matrix (a lookup table), the head gets the compressed copy, and
+    the config says so (``tie_word_embeddings = False``) so that saved checkpoints reload untied."""
+    found = _head(model)
+    if found is None or not stages:
+        return
+    name, head = found
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and getattr(head, "weight", None) is embeddings.weight:
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+    originals: dict[str, torch.Tensor] = {}
+    with _timed(timings, "methods_seconds"):
+        for stage in stages:
+            _apply_stage(model, name, name, stage, {}, originals, layers)
 
 
 def compress(
@@ -163,6 +212,7 @@ def compress(
         structure.append({"method": stage.name, **done})
     recipe = recipe.model_copy(update={"stages": recipe.stages[leading:]})
     _validate_targets(lm, model, recipe)
+    head_stages = _head_stages(model, recipe)
     needs_calib = any(stage.needs for stage in recipe.stages)  # block statistics, not only allocation
     if needs_calib and calib is None:
         names = [s.name for s in recipe.stages if s.needs]
@@ -206,14 +256,18 @@ def compress(
             with _timed(timings, "methods_seconds"):
                 if stage.scales_inputs():
                     _scale_groups(lm, block, name, stage, rels, stats)
+                by_input: dict[Any, list[str]] = {}  # linears reading the same input share statistics
                 for rel in rels:
-                    _apply_stage(block, rel, f"{name}.{rel}", stage, stats.pop(rel, {}), originals, layers)
+                    by_input.setdefault(lm.adapter.group_of(rel), []).append(rel)
+                for members in by_input.values():
+                    _apply_shared(block, name, members, stage, stats.get(members[0], {}), originals, layers)
         if needs_calib and i + 1 < len(blocks):
             if outputs is not None:
                 calls = outputs
             else:
                 with _timed(timings, "propagate_seconds"), dense_weights_cached(block):
                     calls = run_block(block, calls)
+    _compress_head(model, head_stages, layers, timings)
     timings["total_seconds"] = time.perf_counter() - start
 
     info = dict(
@@ -253,8 +307,7 @@ def _true_sequential(
 
     def compress_group(members: list[str], stats: dict[str, Any]) -> None:
         with _timed(timings, "methods_seconds"):
-            for rel in members:
-                _apply_stage(block, rel, f"{block_name}.{rel}", stage, stats, originals, layers)
+            _apply_shared(block, block_name, members, stage, stats, originals, layers)
 
     start = time.perf_counter()
     with dense_weights_cached(block):
@@ -393,6 +446,53 @@ def _scale_groups(
         fold_scale(producer, modules, scale)
 
 
+def _apply_shared(
+    block: nn.Module,
+    block_name: str,
+    members: list[str],
+    stage: MethodConfig,
+    stats: dict[str, Any],
+    originals: dict[str, torch.Tensor],
+    layers: dict[str, LayerReport],
+) -> None:
+    """Apply ``stage`` to linears that read the same input (``stats`` is theirs), together when
+    the method offers ``apply_shared`` for them, else one by one."""
+    if len(members) > 1 and type(stage).apply_shared is not MethodConfig.apply_shared:
+        t = time.perf_counter()
+        modules = [block.get_submodule(rel) for rel in members]
+        weights = [weight_of(m) for m in modules]
+        inputs = []
+        for rel, module, weight in zip(members, modules, weights, strict=True):
+            _check_finite(f"{block_name}.{rel}", weight)
+            current = list(module.parts) if isinstance(module, CompressedLinear) else None
+            inputs.append(LayerInput(f"{block_name}.{rel}", weight, originals.setdefault(rel, weight), current, stats))
+        shared = stage.apply_shared(inputs)
+        if shared is not None:
+            seconds = (time.perf_counter() - t) / len(members)  # one pass for all: its time split evenly
+            for rel, module, weight, parts in zip(members, modules, weights, shared, strict=True):
+                _install(block, rel, f"{block_name}.{rel}", module, weight, parts, layers, seconds)
+            return
+    for rel in members:
+        _apply_stage(block, rel, f"{block_name}.{rel}", stage, stats, originals, layers)
+
+
+def _install(
+    block: nn.Module,
+    rel: str,
+    full: str,
+    module: nn.Module,
+    weight: torch.Tensor,
+    parts: list[Any],
+    layers: dict[str, LayerReport],
+    seconds: float,
+) -> None:
+    """Replace the linear ``rel`` of ``block`` by a ``CompressedLinear`` of ``parts`` and report it."""
+    new = CompressedLinear(parts, bias_of(module)).to(weight.device)
+    block.set_submodule(rel, new)
+    seconds += layers[full].seconds if full in layers else 0.0
+    layers[full] = LayerReport(full, tuple(weight.shape), [p.describe() for p in parts], new.weight_nbits(), seconds)
+
+
 def _apply_stage(
     block: nn.Module,
     rel: str,
@@ -409,7 +509,4 @@ def _apply_stage(
     original = originals.setdefault(rel, weight)
     current_parts = list(module.parts) if isinstance(module, CompressedLinear) else None
     parts = stage.apply(LayerInput(full, weight, original, current_parts, stats))
-    new = CompressedLinear(parts, bias_of(module)).to(weight.device)
-    block.set_submodule(rel, new)
-    seconds = time.perf_counter() - t + (layers[full].seconds if full in layers else 0.0)
-    layers[full] = LayerReport(full, tuple(weight.shape), [p.describe() for p in parts], new.weight_nbits(), seconds)
+    _install(block, rel, full, module, weight, parts, layers, time.perf_counter() - t)

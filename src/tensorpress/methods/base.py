@@ -38,6 +38,15 @@ class LayerInput:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def row_ranges(layers: list[LayerInput]) -> list[slice]:
+    """The rows of each layer's weight in ``torch.cat`` of all of them (``apply_shared``)."""
+    out, start = [], 0
+    for layer in layers:
+        out.append(slice(start, start + layer.weight.shape[0]))
+        start += layer.weight.shape[0]
+    return out
+
+
 def matches(name: str, patterns: list[str]) -> bool:
     """Whether a module name matches any pattern.
 
@@ -90,6 +99,13 @@ class MethodConfig(BaseModel):
     def apply(self, layer: LayerInput) -> list[Part]:
         """The new list of parts for this linear."""
         raise NotImplementedError
+
+    def apply_shared(self, layers: list[LayerInput]) -> list[list[Part]] | None:
+        """Optional: the parts of several linears that read the same input (one ``stats`` for all,
+        e.g. q/k/v), computed together — for methods whose per-row result depends only on the
+        row and the shared statistics, one pass over the stacked rows replaces one per linear.
+        ``None`` (the default): the engine calls ``apply`` for each."""
+        return None
 
     def wants_allocation(self) -> bool:
         """True if the stage must see every selected layer (``allocate``) before compressing."""

@@ -42,6 +42,11 @@ class QuantGrid:
     def maxq(self) -> int:
         return (1 << self.bits) - 1
 
+    def rows(self, rows: slice) -> QuantGrid:
+        """The grid of a range of output rows (for matrices quantized stacked)."""
+        zeros = None if self.zeros is None else self.zeros[rows].contiguous()
+        return QuantGrid(self.scales[rows].contiguous(), zeros, self.bits, self.group_size, self.symmetric)
+
     def zero_points(self) -> torch.Tensor:
         """Zero points as float32 ``(out, G)`` (the implicit one for symmetric grids)."""
         if self.zeros is None:

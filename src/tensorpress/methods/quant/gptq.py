@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from tensorpress.methods.base import LayerInput, register_method
+from tensorpress.methods.base import LayerInput, register_method, row_ranges
 from tensorpress.methods.quant.gptq_math import gptq_quantize
 from tensorpress.methods.quant.rtn import QuantSettings
 from tensorpress.parts import Part, QuantGrid, QuantizedPart
@@ -33,3 +33,15 @@ class GPTQ(QuantSettings):
 
     def apply(self, layer: LayerInput) -> list[Part]:
         return [QuantizedPart(*self.quantize(layer.weight, layer.stats["xtx"], layer.name))]
+
+    def apply_shared(self, layers: list[LayerInput]) -> list[list[Part]] | None:
+        """Linears sharing a Hessian (q/k/v, gate/up) at the same width, as one stacked matrix:
+        GPTQ treats rows independently given ``H`` (grids per row, column order and inverse
+        Hessian from ``H`` alone), so this is the same algorithm with one column loop and one
+        Cholesky instead of one per linear."""
+        bits = {self.bits_for(layer.name) for layer in layers}
+        if len(layers) < 2 or len(bits) != 1 or type(self).apply is not GPTQ.apply:  # subclasses make other parts
+            return None
+        stacked = torch.cat([layer.weight for layer in layers])
+        codes, grid = self.quantize(stacked, layers[0].stats["xtx"], layers[0].name)
+        return [[QuantizedPart(codes[rows].contiguous(), grid.rows(rows))] for rows in row_ranges(layers)]

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 
 from tensorpress.errors import RecipeError
-from tensorpress.methods.base import LayerInput, MethodConfig, matches, register_method
+from tensorpress.methods.base import LayerInput, MethodConfig, matches, register_method, row_ranges
 from tensorpress.methods.sparse.prune_math import keep_mask, sparsegpt
 from tensorpress.parts import MaskedPart, Part
 from tensorpress.parts.masked import parse_pattern
@@ -169,13 +169,32 @@ class SparseGPT(PruneSettings):
     block_size: int = Field(128, ge=1, description="columns per adaptive-mask block and lazy batch update")
 
     def apply(self, layer: LayerInput) -> list[Part]:
+        return self._run([layer])[0]
+
+    def apply_shared(self, layers: list[LayerInput]) -> list[list[Part]] | None:
+        """Linears sharing a Hessian (q/k/v, gate/up) at the same sparsity, as one stacked
+        matrix with each linear's rows thresholded on their own (the adaptive mask of a block is
+        chosen per linear, as when they run one by one): one column loop and one Cholesky."""
+        if len(layers) < 2 or len({self.sparsity_for(layer.name) for layer in layers}) != 1:
+            return None
+        return self._run(layers)
+
+    def _run(self, layers: list[LayerInput]) -> list[list[Part]]:
         block = self.block_size
         if self.nm is not None:
             block = max(self.nm[1], block // self.nm[1] * self.nm[1])  # N:M groups never straddle blocks
+        ranges = row_ranges(layers)
         weight, mask, grid = sparsegpt(
-            layer.weight, layer.stats["xtx"], self.sparsity_for(layer.name), self.nm, damp=self.damp,
-            block_size=block, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+            torch.cat([layer.weight for layer in layers]), layers[0].stats["xtx"], self.sparsity_for(layers[0].name), self.nm,
+            damp=self.damp, block_size=block, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+            row_splits=[r.stop - r.start for r in ranges],
         )
-        if grid is None:
-            return [MaskedPart(mask, weight, pattern=self.nm)]
-        return [MaskedPart(mask, pattern=self.nm, codes=quantize_with_grid(weight, grid), grid=grid)]
+        out: list[list[Part]] = []
+        for rows in ranges:
+            if grid is None:
+                out.append([MaskedPart(mask[rows].contiguous(), weight[rows].contiguous(), pattern=self.nm)])
+            else:
+                part_grid = grid.rows(rows)
+                codes = quantize_with_grid(weight[rows].contiguous(), part_grid)
+                out.append([MaskedPart(mask[rows].contiguous(), pattern=self.nm, codes=codes, grid=part_grid)])
+        return out

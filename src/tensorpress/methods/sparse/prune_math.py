@@ -47,6 +47,7 @@ def sparsegpt(
     bits: int | None = None,
     group_size: int | None = 128,
     symmetric: bool = False,
+    row_splits: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, QuantGrid | None]:
     """Prune (and optionally quantize the survivors) column by column, compensating each
     column's error on the columns not yet processed through the inverse Hessian.
@@ -58,6 +59,9 @@ def sparsegpt(
     With ``bits``, the kept weights are quantized in the same pass (grids per group of
     ``group_size`` inputs, fixed from the updated weights when the group's first column is
     reached); 0 is on every grid, so pruned weights stay exactly 0.
+
+    ``row_splits``: sizes of consecutive row ranges that are separate matrices stacked (linears
+    sharing ``xtx``); each range gets its own adaptive-mask threshold. Default: one matrix.
 
     Returns ``(weight, mask, grid)``: the new float weight (pruned entries 0; the dequantized
     values when quantizing), the kept mask, and the grid (``None`` without ``bits``).
@@ -81,6 +85,11 @@ def sparsegpt(
     wt = w.T.contiguous()
     del w
     keep_t = torch.ones(n, out_f, dtype=torch.bool)
+    sizes = row_splits or [out_f]
+    if sum(sizes) != out_f or min(sizes) <= 0:
+        raise ValueError(f"row_splits {row_splits} do not add up to the weight's {out_f} rows")
+    edges = [sum(sizes[:j]) for j in range(len(sizes) + 1)]
+    segments = [slice(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
     scale = zero = None
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)
@@ -89,12 +98,16 @@ def sparsegpt(
         hinv_blk = hinv[b0:b1, b0:b1]
         d_blk = diag[b0:b1]
         if pattern is None:
-            # one threshold over the block's saliencies, as in the reference (adaptive mask)
-            saliency = blk.square() / d_blk.square()[:, None]
-            k = int(saliency.numel() * sparsity)
-            if k:
-                flat = keep_t[b0:b1].reshape(-1)
-                flat[torch.argsort(saliency.reshape(-1))[:k]] = False
+            # one threshold over the block's saliencies (of each stacked matrix), as in the
+            # reference (adaptive mask)
+            saliency = blk.square() / d_blk.square()[:, None]  # (block, out)
+            for rows in segments:
+                part = saliency[:, rows]
+                k = int(part.numel() * sparsity)
+                if k:
+                    kept = torch.ones(part.numel(), dtype=torch.bool)
+                    kept[torch.argsort(part.reshape(-1))[:k]] = False
+                    keep_t[b0:b1, rows] = kept.reshape(part.shape)
         for i in range(b1 - b0):
             col = b0 + i
             if pattern is not None and i % pattern[1] == 0:

@@ -1,5 +1,5 @@
 """Build step for the compiled pieces: the entropy coder of ``tensorpress.lossless`` and the
-int4 matmul kernel of ``tensorpress.parts``.
+4/8-bit matmul kernel of ``tensorpress.parts``.
 
 Both are plain C shared libraries (no Python API) that the package loads with ctypes; everything
 else is configured in pyproject.toml. The kernel uses OpenMP: it links ``libgomp.so.1``, the
@@ -16,8 +16,8 @@ setup(
             extra_compile_args=["-O3", "-std=c99"],
         ),
         Extension(
-            "tensorpress.parts._int4",
-            sources=["src/tensorpress/parts/_int4.c"],
+            "tensorpress.parts._qmatmul",
+            sources=["src/tensorpress/parts/_qmatmul.c"],
             extra_compile_args=["-O3", "-std=gnu99", "-fopenmp"],
             extra_link_args=["-fopenmp"],
         ),

@@ -30,13 +30,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
-    # name: (recipe or None, dtype, packed kernels: False, or the int4 kernel of packed_kernels)
+    # name: (recipe or None, dtype, packed kernels: False, or the backend of packed_kernels)
     "fp32": (None, "float32", False),
     "bf16": (None, "bfloat16", False),
-    "int8-packed": ("rtn-w8", "float32", "auto"),
+    "int8-packed": ("rtn-w8", "float32", "auto"),  # our kernel (8-bit codes as stored)
+    "int8-packed-torch": ("rtn-w8", "float32", "torch"),  # torch's op, bf16 activations
     "int4-dequant": ("rtn-w4g128", "float32", False),
     "int4-packed": ("rtn-w4g128", "float32", "auto"),  # our AVX2 kernel where it runs
     "int4-packed-torch": ("rtn-w4g128", "float32", "torch"),  # torch's op, bf16 activations
+    "int4-packed-head8": ("rtn-w4g128-head8", "float32", "auto"),  # the LM head in 8 bits
     "int4-packed-head": ("rtn-w4g128-head", "float32", "auto"),  # the LM head in 4 bits too
     "svd-30%": ("svd-p30", "float32", False),  # low-rank parts: two thin matmuls per linear
     # structurally pruned: ordinary smaller models (calibrated on P1's calibration windows)
@@ -75,7 +77,7 @@ def measure(args: argparse.Namespace, name: str) -> dict:
     prefill_ids = torch.randint(0, vocab, (1, args.prefill), generator=gen)
     prompt = torch.randint(0, vocab, (1, 32), generator=gen)
     prefill_s, decode_s = [], []
-    with torch.inference_mode(), packed_kernels(bool(packed), int4=packed or "auto"):
+    with torch.inference_mode(), packed_kernels(bool(packed), backend=packed or "auto"):
         model(input_ids=prefill_ids[:, :64])  # warm-up (kernel packing happens here)
         model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
         for _ in range(args.runs):

@@ -132,12 +132,14 @@ def test_deleted_tensor_file_is_detected(saved):
         tp.load_compressed(saved)
 
 
-def test_quantized_head_is_untied_from_the_embeddings_and_reloads(tmp_path):
+@pytest.mark.parametrize("recipe", ["rtn-w4g128-head", "rtn-w4g128-head8"])
+def test_quantized_head_is_untied_from_the_embeddings_and_reloads(tmp_path, recipe):
     lm = tiny_model("gpt2")  # tied embeddings
     embedding = lm.model.transformer.wte.weight.detach().clone()
-    result = tp.compress(lm, tp.recipes.get("rtn-w4g128-head"))
+    result = tp.compress(lm, tp.recipes.get(recipe))
     model = result.model.model
     assert isinstance(model.lm_head, CompressedLinear) and "lm_head" in result.layers
+    assert model.lm_head.parts[0].bits == (8 if recipe.endswith("8") else 4)
     assert not model.config.tie_word_embeddings
     assert torch.equal(model.transformer.wte.weight, embedding)  # the lookup table is untouched
     ids = torch.randint(3, 300, (2, 20))

@@ -3,10 +3,10 @@ import torch
 
 from tensorpress.errors import TensorpressError
 from tensorpress.parts import QuantizedPart
-from tensorpress.parts.kernels import PackedWeight, int4_kernel_available, packed_kernels
+from tensorpress.parts.kernels import PackedWeight, our_kernel_available, packed_kernels
 from tensorpress.parts.quant_math import quantize_rtn
 
-needs_ours = pytest.mark.skipif(not int4_kernel_available(), reason="our int4 kernel needs x86-64 with AVX2 and FMA")
+needs_ours = pytest.mark.skipif(not our_kernel_available(), reason="our kernel needs x86-64 with AVX2 and FMA")
 
 
 @pytest.mark.parametrize(
@@ -25,32 +25,34 @@ def test_torch_kernels_agree_with_the_dense_path(in_f, bits, group, symmetric):
     part = QuantizedPart(codes, grid)
     x = torch.randn(3, 5, in_f)
     dense = part(x)
-    with packed_kernels(int4="torch"):
+    with packed_kernels(backend="torch"):
         assert PackedWeight.supports(grid, 96, in_f)
         packed = part(x)
-    assert part._packed is not None and part._packed.backend in ("torch", "int8")
+    assert part._packed is not None and part._packed.backend == "torch"
     # torch's kernels compute with bfloat16 activations and scales (their only fast path here)
     torch.testing.assert_close(packed, dense, rtol=2e-2, atol=1e-2 * dense.abs().max().item())
     assert packed.dtype == torch.float32 and not torch.equal(packed, dense)
     # many tokens at once (prefill): dequantize + float32 GEMM, exactly the dense path
     many = torch.randn(2, 20, in_f)
-    with packed_kernels(int4="torch"):
+    with packed_kernels(backend="torch"):
         assert torch.equal(part(many), torch.nn.functional.linear(many, part.dense()))
 
 
 @needs_ours
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 16])
 @pytest.mark.parametrize(
-    "out_f, in_f, group, symmetric",
+    "out_f, in_f, bits, group, symmetric",
     [
-        (96, 576, 128, False),  # shorter last group (64), no padding needed
-        (8, 256, 64, True),  # 8 rows: torch's op needs multiples of 16, ours does not
-        (40, 192, None, False),  # one group per row
-        (24, 128, 64, False),
+        (96, 576, 4, 128, False),  # shorter last group (64), no padding needed
+        (8, 256, 4, 64, True),  # 8 rows: torch's op needs multiples of 16, ours does not
+        (40, 192, 4, None, False),  # one group per row
+        (24, 128, 4, 64, False),
+        (96, 576, 8, None, True),  # the grid torch's int8 op takes
+        (40, 576, 8, 128, False),  # one it does not
     ],
 )
-def test_our_int4_kernel_agrees_with_the_dense_path_in_float32(tokens, out_f, in_f, group, symmetric):
-    codes, grid = quantize_rtn(torch.randn(out_f, in_f) * 3, 4, group, symmetric)
+def test_our_kernel_agrees_with_the_dense_path_in_float32(tokens, out_f, in_f, bits, group, symmetric):
+    codes, grid = quantize_rtn(torch.randn(out_f, in_f) * 3, bits, group, symmetric)
     part = QuantizedPart(codes, grid)
     x = torch.randn(tokens, in_f)
     dense = part(x)
@@ -73,27 +75,27 @@ def test_our_kernel_is_preferred_and_the_backend_switch_repacks():
     with packed_kernels():
         part(x)
         assert part._packed.backend == "tensorpress"
-        with packed_kernels(int4="torch"):
+        with packed_kernels(backend="torch"):
             part(x)
             assert part._packed.backend == "torch"
         part(x)
         assert part._packed.backend == "tensorpress"
-    # widths our packing cannot take (not a multiple of 64) go to torch's op under "auto" ...
+    # widths our kernel cannot take (not a multiple of 64) go to torch's op under "auto" ...
     codes, grid = quantize_rtn(torch.randn(32, 200), 4, 64, False)
     part = QuantizedPart(codes, grid)
     with packed_kernels():
         part(torch.randn(1, 200))
         assert part._packed.backend == "torch"
     # ... and to the dense path when ours is asked for explicitly
-    with packed_kernels(int4="tensorpress"):
+    with packed_kernels(backend="tensorpress"):
         x = torch.randn(1, 200)
         assert torch.equal(part(x), torch.nn.functional.linear(x, part.dense()))
         assert part._packed is None
 
 
-def test_unknown_int4_kernel_is_refused():
+def test_unknown_kernel_backend_is_refused():
     with pytest.raises(TensorpressError, match="'cuda'.*auto, tensorpress, torch"):
-        packed_kernels(int4="cuda")
+        packed_kernels(backend="cuda")
 
 
 def test_layouts_the_kernels_cannot_take_fall_back_to_dense():
@@ -104,7 +106,7 @@ def test_layouts_the_kernels_cannot_take_fall_back_to_dense():
         codes, grid = quantize_rtn(w, bits, group, symmetric)
         part = QuantizedPart(codes, grid)
         x = torch.randn(2, 96)
-        with packed_kernels(int4=backend):
+        with packed_kernels(backend=backend):
             assert not PackedWeight.supports(grid, 8, 96)
             assert torch.equal(part(x), torch.nn.functional.linear(x, part.dense()))
         assert part._packed is None

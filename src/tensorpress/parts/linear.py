@@ -44,9 +44,10 @@ class CompressedLinear(nn.Module):
         if self._dense_cache is not None:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return nn.functional.linear(x, self._dense_cache.to(x.dtype), bias)
-        y = self.parts[0](x)
-        for part in self.parts[1:]:
-            y = y + part(x)
+        y = None
+        for part in self.parts:  # (iterating a ModuleList is cheaper than indexing it: decode calls this per token)
+            out = part(x)
+            y = out if y is None else y + out
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

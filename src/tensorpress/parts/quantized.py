@@ -45,8 +45,8 @@ class QuantizedPart(CodesStorage, Part):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # decode runs this once per linear per token: the kernel path does as little as it can
         mode = kernel_mode()
-        if mode is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-            if self._packed_mode != mode:  # first use, or another int4 kernel asked for: (re)pack
+        if mode is not None and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16):
+            if self._packed_mode != mode:  # first use, or another backend asked for: (re)pack
                 grid = self.grid
                 self._packed = PackedWeight(self.codes, grid) if PackedWeight.supports(grid, self.out_features, self.in_features) else None
                 self._packed_mode = mode

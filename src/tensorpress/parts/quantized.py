@@ -45,7 +45,8 @@ class QuantizedPart(CodesStorage, Part):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # decode runs this once per linear per token: the kernel path does as little as it can
         mode = kernel_mode()
-        if mode is not None and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16):
+        # (not when autograd must see the product: the kernels return plain tensors)
+        if mode is not None and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) and not (x.requires_grad and torch.is_grad_enabled()):
             if self._packed_mode != mode:  # first use, or another backend asked for: (re)pack
                 grid = self.grid
                 self._packed = PackedWeight(self.codes, grid) if PackedWeight.supports(grid, self.out_features, self.in_features) else None

@@ -21,6 +21,7 @@
 
 #define RUN 64 /* inputs per packed run (32 bytes) */
 #define TILE 4 /* tokens computed together: one unpacking of the codes feeds TILE tokens */
+#define PARALLEL_MIN ((size_t)1 << 17) /* multiply-adds below which one thread runs the call */
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -97,7 +98,11 @@ __attribute__((target("avx2,fma"))) static void matmul_avx2(const uint8_t *packe
             for (int i = begin; i < end; i++) sum += x[(size_t)t * in_f + i];
             xsum[(size_t)t * n_groups + g] = sum;
         }
-#pragma omp parallel for schedule(static)
+    /* A team only pays off for enough work: below PARALLEL_MIN multiply-adds one thread is as
+     * fast, and on a busy machine every fork/join may wait a whole time slice for a descheduled
+     * worker (measured: ~8 ms per call instead of ~40 us beside another 2-thread process). */
+    const int parallel = (size_t)out_f * in_f * tokens >= PARALLEL_MIN;
+#pragma omp parallel for schedule(static) if (parallel)
     for (int o = 0; o < out_f; o++) {
         const uint8_t *codes = packed + (size_t)o * (in_f / 8 * bits);
         for (int t0 = 0; t0 < tokens; t0 += TILE) {

@@ -131,11 +131,10 @@ def _head(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None if name is None else (name, head)
 
 
-def _head_stages(model: nn.Module, recipe: Recipe) -> list[MethodConfig]:
+def _head_stages(head: tuple[str, nn.Module] | None, recipe: Recipe) -> list[MethodConfig]:
     """The stages that select the LM head (none by default: ``lm_head`` is in the default
     ``ignore``). Only methods that need no calibration statistics can take it: the engine
     gathers statistics for block linears only."""
-    head = _head(model)
     if head is None:
         return []
     chosen = [stage for stage in recipe.stages if stage.selects(head[0])]
@@ -149,11 +148,10 @@ def _head_stages(model: nn.Module, recipe: Recipe) -> list[MethodConfig]:
     return chosen
 
 
-def _validate_targets(lm: LoadedModel, model: nn.Module, recipe: Recipe) -> None:
+def _validate_targets(lm: LoadedModel, model: nn.Module, recipe: Recipe, head: tuple[str, nn.Module] | None) -> None:
     prefix = lm.adapter.blocks_path(model)
     blocks = lm.adapter.blocks(model)
     example = f"{prefix}.0.{lm.adapter.block_linears()[0]}"
-    head = _head(model)
     for i, stage in enumerate(recipe.stages):
         if head is not None and stage.selects(head[0]):
             continue
@@ -165,16 +163,21 @@ def _validate_targets(lm: LoadedModel, model: nn.Module, recipe: Recipe) -> None
             )
 
 
-def _compress_head(model: nn.Module, stages: list[MethodConfig], layers: dict[str, LayerReport], timings: dict[str, float]) -> None:
+def _compress_head(
+    model: nn.Module,
+    head: tuple[str, nn.Module] | None,
+    stages: list[MethodConfig],
+    layers: dict[str, LayerReport],
+    timings: dict[str, float],
+) -> None:
     """Run ``stages`` on the LM head. A head tied to the input embeddings is untied first: the
     embeddings keep the original matrix (a lookup table), the head gets the compressed copy, and
     the config says so (``tie_word_embeddings = False``) so that saved checkpoints reload untied."""
-    found = _head(model)
-    if found is None or not stages:
+    if head is None or not stages:
         return
-    name, head = found
+    name, module = head
     embeddings = model.get_input_embeddings()
-    if embeddings is not None and getattr(head, "weight", None) is embeddings.weight:
+    if embeddings is not None and getattr(module, "weight", None) is embeddings.weight:
         for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
             config.tie_word_embeddings = False
     originals: dict[str, torch.Tensor] = {}
@@ -211,8 +214,9 @@ def compress(
         tokenizer = done.pop("tokenizer", tokenizer)  # trim_vocab remaps the tokenizer
         structure.append({"method": stage.name, **done})
     recipe = recipe.model_copy(update={"stages": recipe.stages[leading:]})
-    _validate_targets(lm, model, recipe)
-    head_stages = _head_stages(model, recipe)
+    head = _head(model)
+    _validate_targets(lm, model, recipe, head)
+    head_stages = _head_stages(head, recipe)
     needs_calib = any(stage.needs for stage in recipe.stages)  # block statistics, not only allocation
     if needs_calib and calib is None:
         names = [s.name for s in recipe.stages if s.needs]
@@ -267,7 +271,7 @@ def compress(
             else:
                 with _timed(timings, "propagate_seconds"), dense_weights_cached(block):
                     calls = run_block(block, calls)
-    _compress_head(model, head_stages, layers, timings)
+    _compress_head(model, head, head_stages, layers, timings)
     timings["total_seconds"] = time.perf_counter() - start
 
     info = dict(
@@ -457,23 +461,32 @@ def _apply_shared(
 ) -> None:
     """Apply ``stage`` to linears that read the same input (``stats`` is theirs), together when
     the method offers ``apply_shared`` for them, else one by one."""
-    if len(members) > 1 and type(stage).apply_shared is not MethodConfig.apply_shared:
-        t = time.perf_counter()
-        modules = [block.get_submodule(rel) for rel in members]
-        weights = [weight_of(m) for m in modules]
-        inputs = []
-        for rel, module, weight in zip(members, modules, weights, strict=True):
-            _check_finite(f"{block_name}.{rel}", weight)
-            current = list(module.parts) if isinstance(module, CompressedLinear) else None
-            inputs.append(LayerInput(f"{block_name}.{rel}", weight, originals.setdefault(rel, weight), current, stats))
-        shared = stage.apply_shared(inputs)
-        if shared is not None:
-            seconds = (time.perf_counter() - t) / len(members)  # one pass for all: its time split evenly
-            for rel, module, weight, parts in zip(members, modules, weights, shared, strict=True):
-                _install(block, rel, f"{block_name}.{rel}", module, weight, parts, layers, seconds)
-            return
-    for rel in members:
-        _apply_stage(block, rel, f"{block_name}.{rel}", stage, stats, originals, layers)
+    if len(members) < 2 or type(stage).apply_shared is MethodConfig.apply_shared:
+        for rel in members:
+            _apply_stage(block, rel, f"{block_name}.{rel}", stage, stats, originals, layers)
+        return
+    t = time.perf_counter()
+    prepared = [_layer_input(block, rel, f"{block_name}.{rel}", stats, originals) for rel in members]
+    shared = stage.apply_shared([layer for _, layer in prepared])
+    if shared is None:  # not for these linears: one by one, from the inputs already built
+        for rel, (module, layer) in zip(members, prepared, strict=True):
+            start = time.perf_counter()
+            _install(block, rel, layer.name, module, layer.weight, stage.apply(layer), layers, time.perf_counter() - start)
+        return
+    seconds = (time.perf_counter() - t) / len(members)  # one pass for all: its time split evenly
+    for rel, (module, layer), parts in zip(members, prepared, shared, strict=True):
+        _install(block, rel, layer.name, module, layer.weight, parts, layers, seconds)
+
+
+def _layer_input(
+    block: nn.Module, rel: str, full: str, stats: dict[str, Any], originals: dict[str, torch.Tensor]
+) -> tuple[nn.Module, LayerInput]:
+    """The linear ``rel`` of ``block`` and what a method sees of it (its weight checked finite)."""
+    module = block.get_submodule(rel)
+    weight = weight_of(module)
+    _check_finite(full, weight)
+    current_parts = list(module.parts) if isinstance(module, CompressedLinear) else None
+    return module, LayerInput(full, weight, originals.setdefault(rel, weight), current_parts, stats)
 
 
 def _install(
@@ -503,10 +516,5 @@ def _apply_stage(
     layers: dict[str, LayerReport],
 ) -> None:
     t = time.perf_counter()
-    module = block.get_submodule(rel)
-    weight = weight_of(module)
-    _check_finite(full, weight)
-    original = originals.setdefault(rel, weight)
-    current_parts = list(module.parts) if isinstance(module, CompressedLinear) else None
-    parts = stage.apply(LayerInput(full, weight, original, current_parts, stats))
-    _install(block, rel, full, module, weight, parts, layers, time.perf_counter() - t)
+    module, layer = _layer_input(block, rel, full, stats, originals)
+    _install(block, rel, full, module, layer.weight, stage.apply(layer), layers, time.perf_counter() - t)

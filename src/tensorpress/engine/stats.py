@@ -66,9 +66,9 @@ class InputStats:
                 self.xtx += self._scratch.double()  # (explicit: a mixed-dtype in-place add is 3x slower)
                 self._triangle = "lower"
                 return
-        if self._triangle == "lower":  # only if BLAS vanished between batches: keep one layout
-            self.xtx += torch.tril(x.T @ x).double()
-        elif n <= _GRAM_BLOCK or self._triangle == "full":
+        # (syrk_lower only refuses what no batch of this layer can change: a layer that started on
+        # it stays on it)
+        if n <= _GRAM_BLOCK or self._triangle == "full":
             self.xtx += (x.T @ x).double()
             self._triangle = "full"
         else:

@@ -68,10 +68,6 @@ def packed_kernels(enabled: bool = True, backend: str = "auto"):
     return _KERNELS.set(backend if enabled else None)
 
 
-def kernels_enabled() -> bool:
-    return _KERNELS.value is not None
-
-
 def kernel_mode() -> str | None:
     """The current setting: ``None`` (kernels off) or the backend asked for."""
     return _KERNELS.value

@@ -6,6 +6,8 @@ or ``(n, m)``: ``n`` weights kept in every group of ``m`` consecutive inputs.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from tensorpress.methods.quant.gptq_math import inverse_hessian_factor
@@ -88,8 +90,8 @@ def sparsegpt(
     sizes = row_splits or [out_f]
     if sum(sizes) != out_f or min(sizes) <= 0:
         raise ValueError(f"row_splits {row_splits} do not add up to the weight's {out_f} rows")
-    edges = [sum(sizes[:j]) for j in range(len(sizes) + 1)]
-    segments = [slice(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    edges = [0, *itertools.accumulate(sizes)]
+    segments = [slice(a, b) for a, b in itertools.pairwise(edges)]
     scale = zero = None
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)

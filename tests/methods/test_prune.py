@@ -12,7 +12,7 @@ import tensorpress as tp
 from conftest import tiny_model
 from tensorpress.methods import METHODS, LayerInput
 from tensorpress.methods.sparse.prune import _owl
-from tensorpress.methods.sparse.prune_math import keep_mask, sparsegpt
+from tensorpress.methods.sparse.prune_math import drop_smallest, keep_mask, sparsegpt
 from tensorpress.parts import MaskedPart
 from tensorpress.parts.masked import decode_nm, encode_nm, nm_index_bits
 from tensorpress.parts.quant_math import compute_grid, quantize_with_grid
@@ -28,6 +28,21 @@ def test_nm_masks_keep_exactly_n_in_every_group(m, data):
     mask = keep_mask(scores, 0.0, (n, m))
     assert (mask.reshape(rows, groups, m).sum(-1) == n).all()
     assert torch.equal(decode_nm(encode_nm(mask, n, m), n, m, mask.shape), mask)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_drop_smallest_is_a_stable_sorts_first_k(data):
+    # few distinct values, so ties at the k-th value are the rule, not the exception
+    rows, cols = data.draw(st.integers(1, 7)), data.draw(st.integers(1, 9))
+    values = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, -1.0]), min_size=rows * cols, max_size=rows * cols)))
+    values = values.reshape(rows, cols)
+    k = data.draw(st.integers(1, rows * cols))
+    expected = torch.ones(rows * cols, dtype=torch.bool)
+    expected[torch.sort(values.reshape(-1), stable=True).indices[:k]] = False
+    mask = drop_smallest(values, k)
+    assert mask.shape == values.shape and int((~mask).sum()) == k
+    assert torch.equal(mask.reshape(-1), expected)
 
 
 def _correlated_inputs(n_in=48, tokens=1000, seed=0):

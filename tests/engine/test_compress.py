@@ -152,6 +152,20 @@ def test_gram_matrix_of_one_triangle_matches_the_full_product(monkeypatch, path,
     torch.testing.assert_close(stats.as_dict()["xtx"], flat.T @ flat + x[0].double().T @ x[0].double(), rtol=1e-5, atol=1e-3)
 
 
+def test_input_stats_sum_what_is_asked_and_only_that():
+    from tensorpress.engine.stats import InputStats
+
+    x = torch.randn(2, 30, 12)
+    stats = InputStats(12, frozenset({"act_sum", "act_sq"}), torch.device("cpu"))
+    for batch in x:
+        stats.update(batch)
+    got = stats.as_dict()
+    flat = x.reshape(-1, 12).double()
+    assert set(got) == {"tokens", "act_sum", "act_sq"} and got["tokens"] == 60
+    torch.testing.assert_close(got["act_sum"], flat.sum(0), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got["act_sq"], flat.square().sum(0), rtol=1e-6, atol=1e-5)
+
+
 def test_syrk_writes_only_the_lower_triangle():
     from tensorpress.engine.blas import syrk_available, syrk_lower
 

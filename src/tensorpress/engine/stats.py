@@ -46,6 +46,7 @@ class InputStats:
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if "xtx" in needs else None
         self.act_sq = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_sq" in needs else None
         self.act_abs = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_abs" in needs else None
+        self.act_sum = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_sum" in needs else None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
@@ -56,6 +57,8 @@ class InputStats:
             self.act_sq += x.square().sum(dim=0).double()
         if self.act_abs is not None:
             self.act_abs += x.abs().sum(dim=0).double()
+        if self.act_sum is not None:
+            self.act_sum += x.sum(dim=0).double()
 
     def _add_gram(self, x: torch.Tensor) -> None:
         n = x.shape[1]
@@ -92,6 +95,8 @@ class InputStats:
             out["act_sq"] = self.act_sq
         if self.act_abs is not None:
             out["act_abs"] = self.act_abs
+        if self.act_sum is not None:
+            out["act_sum"] = self.act_sum
         return out
 
 

@@ -21,8 +21,9 @@ from tensorpress.parts.base import Part
 #   "xtx"      sum over calibration tokens of x x^T, float64 (in, in)
 #   "act_sq"   sum over calibration tokens of x**2 per input channel, float64 (in,)
 #   "act_abs"  sum over calibration tokens of |x| per input channel, float64 (in,)
+#   "act_sum"  sum over calibration tokens of x per input channel, float64 (in,)
 #   "tokens"   number of calibration tokens seen (int)
-KNOWN_STATS = frozenset({"xtx", "act_sq", "act_abs"})
+KNOWN_STATS = frozenset({"xtx", "act_sq", "act_abs", "act_sum"})
 
 DEFAULT_IGNORE = ["lm_head", "re:.*embed.*"]
 

@@ -37,17 +37,19 @@ _WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 def residual_covariance(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Sum over block inputs of the residual stream's (uncentred) covariance, each block's
     normalised to unit trace so that the growing norm of deep layers does not dominate."""
-    per_layer: list[torch.Tensor] = []
+    from tensorpress.engine.stats import InputStats  # the engine imports the methods
+
+    per_layer: list[InputStats] = []
     with torch.inference_mode():
         for start in track(range(0, len(windows), batch_size), "measuring the residual stream",
                            total=-(-len(windows) // batch_size)):
             states = model(input_ids=windows[start:start + batch_size], output_hidden_states=True).hidden_states
             for i, h in enumerate(states[:-1]):  # the last entry is after the final norm
-                x = h.reshape(-1, h.shape[-1]).double()
                 if len(per_layer) <= i:
-                    per_layer.append(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
-                per_layer[i].addmm_(x.T, x)
-    return sum(c / torch.trace(c).clamp(min=1e-30) for c in per_layer)
+                    per_layer.append(InputStats(h.shape[-1], frozenset({"xtx"}), h.device))
+                per_layer[i].update(h)
+    grams = [stats.as_dict()["xtx"] for stats in per_layer]
+    return sum(c / torch.trace(c).clamp(min=1e-30) for c in grams)
 
 
 def _scale_columns(linear: nn.Linear, scale: torch.Tensor) -> None:

@@ -93,33 +93,23 @@ def prune_block_inputs(
     in each, measure the Gram matrix of ``out_rel``'s input, let ``choose(block, w_out, gram)``
     return the input channels of ``out_rel`` to keep and the rows to keep of other linears, slice
     them, and refit ``out_rel`` on the kept channels."""
-    from tensorpress.engine.linears import in_features, weight_of
+    from tensorpress.engine.linears import weight_of
     from tensorpress.engine.sequential import capture_block_inputs, run_block
+    from tensorpress.engine.stats import StatsHooks
 
     calls = capture_block_inputs(lm, model, calib, batch_size)
     blocks = lm.adapter.blocks(model)
     for i, block in enumerate(track(blocks, f"pruning {what} of {len(blocks)} blocks")):
         out_lin = block.get_submodule(out_rel)
-        width = in_features(out_lin)
-        gram = torch.zeros(width, width, dtype=torch.float64)
-        total = torch.zeros(width, dtype=torch.float64)
-        count = [0]
-
-        def hook(_module, args, gram=gram, total=total, count=count):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            gram.addmm_(x.T, x)
-            total.add_(x.sum(0))
-            count[0] += x.shape[0]
-
-        handle = out_lin.register_forward_pre_hook(hook)
-        try:
+        # the output linear's own product is not needed to measure its input: a sink stands in
+        with StatsHooks(block, [out_rel], frozenset({"xtx", "act_sum"}), skip=[out_rel]) as hooks:
             run_block(block, calls)
-        finally:
-            handle.remove()
+        stats = hooks.stats[out_rel].as_dict()
+        gram, total, tokens = stats["xtx"], stats["act_sum"], stats["tokens"]
         w_out = weight_of(out_lin).double()
         keep, rows = choose(block, w_out, gram)
         bias = None if out_lin.bias is None else out_lin.bias.detach()
-        new_w, new_b = refit_output(w_out, bias, gram, total, count[0], keep, damp, refit)
+        new_w, new_b = refit_output(w_out, bias, gram, total, tokens, keep, damp, refit)
         for rel, kept_rows in rows.items():
             _select_rows(block.get_submodule(rel), kept_rows)
         _set_input_weight(out_lin, new_w, new_b)

@@ -100,6 +100,42 @@ def test_prune_ffn_shrinks_every_block_and_reloads(tmp_path, arch):
     assert torch.equal(_logits(plain, ids), _logits(result.model.model, ids))
 
 
+@pytest.mark.parametrize("method", ["prune_ffn", "prune_heads"])
+def test_width_pruning_measures_each_block_through_the_pruned_earlier_ones(monkeypatch, method):
+    """One pass per block: the Gram matrix a block's refit uses (over its kept channels) is
+    exactly that of the final pruned model's inputs to that linear, whatever the batching."""
+    from tensorpress.methods.structural import width
+
+    lm = _deep_llama(3)
+    calib = _calib(lm, samples=5)
+    seen = []
+    real = width.refit_output
+
+    def record(weight, bias, gram, total, tokens, keep, damp, refit):
+        seen.append((gram[keep][:, keep].clone(), tokens))
+        return real(weight, bias, gram, total, tokens, keep, damp, refit)
+
+    monkeypatch.setattr(width, "refit_output", record)
+    out_rel = "mlp.down_proj" if method == "prune_ffn" else "self_attn.o_proj"
+    result = tp.compress(lm, _recipe({"method": method, "ratio": 0.34}), calib, batch_size=2)
+    model = result.model.model
+    grams = [torch.zeros_like(g) for g, _ in seen]
+
+    def measure(i, x):
+        x = x.reshape(-1, x.shape[-1]).double()
+        grams[i] += x.T @ x
+
+    hooks = [block.get_submodule(out_rel).register_forward_pre_hook(lambda m, args, i=i: measure(i, args[0]))
+             for i, block in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=calib.input_ids)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 3 and all(tokens == 5 * 48 for _, tokens in seen)
+    for (expected, _), got in zip(seen, grams, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+
 def test_structural_then_quantized_recipe_and_ordering(tmp_path):
     lm = _deep_llama(3)
     result = tp.compress(lm, _recipe({"method": "prune_ffn", "ratio": 0.25}, {"method": "rtn", "bits": 4}), _calib(lm))

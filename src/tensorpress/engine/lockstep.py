@@ -114,11 +114,13 @@ def lockstep_pass(
     calls: list[BlockCall],
     groups: dict[int, list[str]],
     needs: frozenset[str],
-    compress_group: Callable[[list[str], dict[str, Any]], None],
+    compress_group: Callable[[list[str], dict[str, Any]], dict[str, nn.Module] | None],
 ) -> list[BlockCall]:
     """Run ``block`` on every call; before any call goes past a group (key -> linear names
     relative to the block, keys in execution order), ``compress_group(names, stats)`` replaces
     the group's linears, with ``stats`` (``InputStats.as_dict()``) gathered from every call.
+    It may return stand-ins ``{name: module}`` that the calls of this pass run instead of the
+    new linear (width pruning: the calls parked at the group still carry the full-width input).
 
     Returns the block's outputs, computed with the compressed linears. A group no call reached
     is compressed after the pass, from empty statistics."""
@@ -138,13 +140,13 @@ def lockstep_pass(
         group = state[key]
         for rel in group.members:
             block.set_submodule(rel, entries[rel].inner)
-        compress_group(group.members, group.stats.as_dict())
+        stand_ins = compress_group(group.members, group.stats.as_dict()) or {}
         for rel in group.members:
             new = block.get_submodule(rel)
             if isinstance(new, CompressedLinear):  # each batch calls it: build its weight once
                 new.cache_dense(True)
                 created.append(new)
-            entries[rel].target = new
+            entries[rel].target = stand_ins.get(rel, new)
         group.done = True
 
     def job(call: BlockCall) -> Callable[[], BlockCall]:

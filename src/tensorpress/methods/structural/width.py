@@ -84,6 +84,19 @@ def refit_output(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Te
     return new_w.float(), None if new_b is None else new_b.float()
 
 
+class _Narrowed(nn.Module):
+    """The refit output linear for the rest of the pass that pruned it: the calls parked at it
+    computed the input linears before the pruning, so their input still has every channel."""
+
+    def __init__(self, keep: torch.Tensor, linear: nn.Module) -> None:
+        super().__init__()
+        self.keep = keep
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.index_select(-1, self.keep))
+
+
 def prune_block_inputs(
     lm: Any, model: nn.Module, calib: Any, batch_size: int, out_rel: str, what: str,
     choose: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
@@ -92,29 +105,31 @@ def prune_block_inputs(
     """Walk the blocks with the calibration inputs (each block sees the already pruned ones);
     in each, measure the Gram matrix of ``out_rel``'s input, let ``choose(block, w_out, gram)``
     return the input channels of ``out_rel`` to keep and the rows to keep of other linears, slice
-    them, and refit ``out_rel`` on the kept channels."""
+    them, and refit ``out_rel`` on the kept channels.
+
+    One pass per block (``engine/lockstep.py``): every calibration batch stops at ``out_rel``
+    until its statistics are complete, the block is pruned, and the batches go on through the
+    refit linear, giving the pruned block's outputs for the next block."""
     from tensorpress.engine.linears import weight_of
-    from tensorpress.engine.sequential import capture_block_inputs, run_block
-    from tensorpress.engine.stats import StatsHooks
+    from tensorpress.engine.lockstep import lockstep_pass
+    from tensorpress.engine.sequential import capture_block_inputs
 
     calls = capture_block_inputs(lm, model, calib, batch_size)
     blocks = lm.adapter.blocks(model)
-    for i, block in enumerate(track(blocks, f"pruning {what} of {len(blocks)} blocks")):
-        out_lin = block.get_submodule(out_rel)
-        # the output linear's own product is not needed to measure its input: a sink stands in
-        with StatsHooks(block, [out_rel], frozenset({"xtx", "act_sum"}), skip=[out_rel]) as hooks:
-            run_block(block, calls)
-        stats = hooks.stats[out_rel].as_dict()
-        gram, total, tokens = stats["xtx"], stats["act_sum"], stats["tokens"]
-        w_out = weight_of(out_lin).double()
-        keep, rows = choose(block, w_out, gram)
-        bias = None if out_lin.bias is None else out_lin.bias.detach()
-        new_w, new_b = refit_output(w_out, bias, gram, total, tokens, keep, damp, refit)
-        for rel, kept_rows in rows.items():
-            _select_rows(block.get_submodule(rel), kept_rows)
-        _set_input_weight(out_lin, new_w, new_b)
-        if i + 1 < len(blocks):
-            calls = run_block(block, calls)
+    for block in track(blocks, f"pruning {what} of {len(blocks)} blocks"):
+
+        def prune(members: list[str], stats: dict[str, Any], block: nn.Module = block) -> dict[str, nn.Module]:
+            out_lin = block.get_submodule(out_rel)
+            w_out = weight_of(out_lin).double()
+            keep, rows = choose(block, w_out, stats["xtx"])
+            bias = None if out_lin.bias is None else out_lin.bias.detach()
+            new_w, new_b = refit_output(w_out, bias, stats["xtx"], stats["act_sum"], stats["tokens"], keep, damp, refit)
+            for rel, kept_rows in rows.items():
+                _select_rows(block.get_submodule(rel), kept_rows)
+            _set_input_weight(out_lin, new_w, new_b)
+            return {out_rel: _Narrowed(keep, out_lin)}
+
+        calls = lockstep_pass(block, calls, {0: [out_rel]}, frozenset({"xtx", "act_sum"}), prune)
 
 
 def channel_scores(w_out: torch.Tensor, gram: torch.Tensor, importance: str) -> torch.Tensor:

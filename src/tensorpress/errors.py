@@ -40,6 +40,10 @@ class OutputExistsError(TensorpressError):
     """An output path that already exists and may not be overwritten."""
 
 
+class ExportError(TensorpressError):
+    """A model that the asked export format cannot represent."""
+
+
 class MissingDependencyError(TensorpressError):
     """An optional package that a requested feature needs is not installed."""
 

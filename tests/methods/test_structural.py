@@ -55,6 +55,43 @@ def test_drop_blocks_gives_a_plain_smaller_model(tmp_path, mode):
     assert cached.shape == (1, 15)
 
 
+def test_linear_bridges_fit_the_removed_runs_and_reload(tmp_path):
+    """replace: linear puts one fitted affine map per run of removed blocks: on the calibration
+    data the stream leaving the run is closer to the original than with the run simply removed;
+    the model generates (a bridge holds no KV cache), reloads from a tensorpress checkpoint with
+    identical logits, and export to a plain Hugging Face directory is refused."""
+    lm = _deep_llama(6)
+    calib = _calib(lm)
+    with torch.no_grad():
+        original = lm.model(input_ids=calib.input_ids, output_hidden_states=True).hidden_states
+    recipe = {"method": "drop_blocks", "blocks": 2, "mode": "consecutive"}
+    bridged = tp.compress(lm, _recipe({**recipe, "replace": "linear"}), calib)
+    removed = tp.compress(lm, _recipe(recipe), calib)
+    run = bridged.model.info["structure"][0]["removed_blocks"]
+    assert run == removed.model.info["structure"][0]["removed_blocks"] and bridged.model.info["structure"][0]["bridges"] == [run[0]]
+    model = bridged.model.model
+    assert len(model.model.layers) == 5 and model.config.num_hidden_layers == 5
+    seen = []  # the stream leaving the run: the bridge's output vs the run's input as is
+    hook = model.model.layers[run[0]].register_forward_hook(lambda m, args, out: seen.append(out))
+    with torch.no_grad():
+        model(input_ids=calib.input_ids)
+    hook.remove()
+    leaving = seen[0]
+    target = original[run[-1] + 1]
+    assert (leaving - target).square().mean() < 0.8 * (original[run[0]] - target).square().mean()
+    attention = [layer.self_attn.layer_idx for layer in model.model.layers if hasattr(layer, "self_attn")]
+    assert attention == [0, 1, 2, 3]
+    ids = torch.randint(3, 300, (1, 9))
+    assert model.generate(ids, max_new_tokens=6, do_sample=False).shape == (1, 15)
+    bridged.save(tmp_path / "ckpt")
+    again = tp.load_compressed(tmp_path / "ckpt")
+    assert torch.equal(_logits(again.model, ids), _logits(model, ids))
+    with pytest.raises(tp.errors.ExportError, match="linear bridges"):
+        export_hf(bridged.model, tmp_path / "hf")
+    with pytest.raises(RecipeError, match="Llama-family"):
+        tp.compress(tiny_model("opt"), _recipe({**recipe, "blocks": 1, "replace": "linear"}), calib)
+
+
 def test_drop_blocks_removes_the_block_that_changes_least():
     lm = _deep_llama(4)
     with torch.no_grad():  # block 1 adds (almost) nothing to the residual stream

@@ -94,6 +94,13 @@ def _fsync_dir_files(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _bridges(lm: LoadedModel) -> list[int]:
+    """Indices of the blocks that are linear bridges (``drop_blocks`` with ``replace: linear``)."""
+    from tensorpress.methods.structural.depth import bridge_indices
+
+    return bridge_indices(lm.adapter.blocks(lm.model))
+
+
 def save_checkpoint(
     lm: LoadedModel,
     path: str | os.PathLike,
@@ -151,6 +158,7 @@ def save_checkpoint(
             "recipe": recipe.to_dict() if recipe is not None else None,
             "layers": layer_entries,
             "aliases": aliases,
+            "bridges": _bridges(lm),
             "files": files,
             **(extra or {}),
         }
@@ -266,6 +274,10 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     cls = _model_class(manifest["model_class"])
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     model = cls(config).to(dtype).eval()
+    if manifest.get("bridges"):
+        from tensorpress.methods.structural.depth import place_bridges
+
+        place_bridges(adapter, model, manifest["bridges"])
     part_tensors = tensors_of(PARTS_FILE) if manifest["layers"] else {}
     expected_missing = set(manifest.get("aliases", {}))
     for name, entry in manifest["layers"].items():

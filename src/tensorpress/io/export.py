@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tensorpress.errors import OutputExistsError
+from tensorpress.errors import ExportError, OutputExistsError
 from tensorpress.io.checkpoint import replace_dir
 from tensorpress.models import LoadedModel
 from tensorpress.parts import CompressedLinear
@@ -38,6 +38,12 @@ def export_hf(lm: LoadedModel, path: str | os.PathLike, *, overwrite: bool = Fal
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    from tensorpress.methods.structural.depth import bridge_indices
+
+    if bridge_indices(lm.adapter.blocks(lm.model)):
+        raise ExportError(f"{lm.spec}: blocks {bridge_indices(lm.adapter.blocks(lm.model))} are linear bridges (drop_blocks with "
+                          "replace 'linear'), which plain transformers cannot load; save a tensorpress checkpoint instead, "
+                          "or prune with replace 'none'")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = dense_copy(lm.model)
     if getattr(model.config, "quantization_config", None) is not None:

@@ -90,6 +90,11 @@ def test_linear_bridges_fit_the_removed_runs_and_reload(tmp_path):
         export_hf(bridged.model, tmp_path / "hf")
     with pytest.raises(RecipeError, match="Llama-family"):
         tp.compress(tiny_model("opt"), _recipe({**recipe, "blocks": 1, "replace": "linear"}), calib)
+    # later stages: quantization skips the bridge; another structural stage is refused
+    quantized = tp.compress(lm, _recipe({**recipe, "replace": "linear"}, {"method": "rtn", "bits": 8, "group_size": 16}), calib)
+    assert len(quantized.layers) == 4 * 7 and not any(f"layers.{run[0]}." in name for name in quantized.layers)
+    with pytest.raises(RecipeError, match="last structural stage"):
+        tp.compress(lm, _recipe({**recipe, "replace": "linear"}, {"method": "prune_ffn", "ratio": 0.25}), calib)
 
 
 def test_drop_blocks_removes_the_block_that_changes_least():

@@ -33,6 +33,7 @@ from tensorpress.errors import CalibrationError, InvalidWeightError, RecipeError
 from tensorpress.methods import LayerInput, MethodConfig
 from tensorpress.methods.quant.mixed import allocate_bits, fisher_diagonals, width_costs
 from tensorpress.methods.structural import is_structural
+from tensorpress.methods.structural.depth import LinearBridge, bridge_indices
 from tensorpress.models import LoadedModel
 from tensorpress.parts import CompressedLinear
 from tensorpress.parts.linear import dense_weights_cached
@@ -113,7 +114,10 @@ def _check_finite(name: str, weight: torch.Tensor) -> None:
 
 
 def _stage_linears(lm: LoadedModel, block: nn.Module, block_name: str, stage: MethodConfig) -> list[str]:
-    """Names (relative to the block) of the block's linears that ``stage`` selects."""
+    """Names (relative to the block) of the block's linears that ``stage`` selects (none in a
+    linear bridge, which stays as fitted)."""
+    if isinstance(block, LinearBridge):
+        return []
     return [
         rel
         for rel in lm.adapter.block_linears()
@@ -209,6 +213,9 @@ def compress(
     structure: list[dict[str, Any]] = []
     tokenizer = lm.tokenizer
     for stage in structural:
+        if bridge_indices(lm.adapter.blocks(model)):
+            raise RecipeError(f"stage {stage.name} follows drop_blocks with replace 'linear': the other structural methods "
+                              "need every block whole; make that drop_blocks the last structural stage")
         with _timed(timings, "structural_seconds"):
             done = stage.transform(lm, model, calib, batch_size)
         tokenizer = done.pop("tokenizer", tokenizer)  # trim_vocab remaps the tokenizer

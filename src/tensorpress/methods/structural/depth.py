@@ -139,9 +139,11 @@ def fit_bridges(model: nn.Module, windows: torch.Tensor, batch_size: int, runs: 
     dtype = next(model.parameters()).dtype
     out = {}
     for first, gram in grams.items():
-        ridge = damp * torch.diagonal(gram)[:width].mean().clamp(min=1e-12)
-        reg = torch.eye(width + 1, dtype=gram.dtype) * ridge
-        reg[width, width] = 0.0  # the offset is not shrunk
+        # each channel's ridge relative to its own energy (the residual stream has a few channels
+        # orders of magnitude larger than the rest); the offset is not shrunk
+        ridge = damp * torch.diagonal(gram).clamp(min=1e-12)
+        ridge[width] = 0.0
+        reg = torch.diag(ridge)
         solution = torch.linalg.solve(gram + reg, cross[first])  # (width + 1, width): [W; c]
         bridge = LinearBridge(width)
         with torch.no_grad():
@@ -166,7 +168,7 @@ class DropBlocks(StructuralMethod):
         "none", description="none = remove the blocks (a plain smaller model); linear = a least-squares linear map of the residual "
         "stream in place of each run of removed blocks (Llama family; tensorpress checkpoints only, no Hugging Face export)"
     )
-    damp: float = Field(0.01, gt=0, le=1, description="replace=linear: ridge of the fit, relative to the mean input energy")
+    damp: float = Field(0.01, gt=0, le=1, description="replace=linear: ridge of the fit, relative to each input channel's energy")
 
     def transform(self, lm: Any, model: nn.Module, calib: Any, batch_size: int) -> dict[str, Any]:
         n_blocks = len(lm.adapter.blocks(model))

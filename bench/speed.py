@@ -51,6 +51,7 @@ CONFIGS = {
     "drop-2": ("drop-blocks-2", "float32", False),
     "drop-4": ("drop-blocks-4", "float32", False),
     "drop-6": ("drop-blocks-6", "float32", False),
+    "drop-4-linear": ("drop-blocks-4-linear", "float32", False),  # a fitted linear map per removed run (not a plain model)
     "ffn-10%": ("prune-ffn-10", "float32", False),
     "ffn-20%": ("prune-ffn-20", "float32", False),
     "ffn-30%": ("prune-ffn-30", "float32", False),

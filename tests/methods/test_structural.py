@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers as T
@@ -86,6 +88,12 @@ def test_linear_bridges_fit_the_removed_runs_and_reload(tmp_path):
     bridged.save(tmp_path / "ckpt")
     again = tp.load_compressed(tmp_path / "ckpt")
     assert torch.equal(_logits(again.model, ids), _logits(model, ids))
+    manifest_path = tmp_path / "ckpt" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["bridges"] = [9]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(tp.errors.CheckpointError, match="bridges"):
+        tp.load_compressed(tmp_path / "ckpt")
     with pytest.raises(tp.errors.ExportError, match="linear bridges"):
         export_hf(bridged.model, tmp_path / "hf")
     with pytest.raises(RecipeError, match="Llama-family"):

@@ -277,7 +277,10 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     if manifest.get("bridges"):
         from tensorpress.methods.structural.depth import place_bridges
 
-        place_bridges(adapter, model, manifest["bridges"])
+        bridges, n_blocks = manifest["bridges"], len(adapter.blocks(model))
+        if not all(isinstance(i, int) and 0 <= i < n_blocks for i in bridges):
+            raise CheckpointError(f"{path}: manifest lists bridges {bridges} for a model of {n_blocks} blocks")
+        place_bridges(adapter, model, bridges)
     part_tensors = tensors_of(PARTS_FILE) if manifest["layers"] else {}
     expected_missing = set(manifest.get("aliases", {}))
     for name, entry in manifest["layers"].items():

@@ -73,6 +73,8 @@ def configs(context: int) -> dict[str, tuple[str, dict]]:
     # The same with low-precision keys per token (as the values) instead of per channel.
     out["mikv-token@2x"] = ("mikv", {"ratio": 0.37, "bits": 2, "keys": "token"})
     out["mikv-token@4x"] = ("mikv", {"ratio": 0.05, "bits": 2, "keys": "token"})
+    # SnapKV pooling over the paper's 7 tokens instead of our default 15.
+    out["snapkv-k7@4x"] = ("snapkv", {"ratio": 0.25, "kernel": 7})
     # MiniCache merges only the deeper half of the layers: about 1.3x on its own.
     out["minicache@1.3x"] = ("minicache", {"retain": 0.05})
     return out

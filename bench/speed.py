@@ -20,6 +20,7 @@ minutes apart cannot (the price: no per-configuration peak RSS).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -88,24 +90,28 @@ def inputs(args: argparse.Namespace, model) -> tuple[torch.Tensor, torch.Tensor]
     return torch.randint(0, vocab, (1, args.prefill), generator=gen), torch.randint(0, vocab, (1, 32), generator=gen)
 
 
-def warm_up(args: argparse.Namespace, name: str, model) -> None:
-    """A short prefill and decode (kernel packing happens here), not timed."""
+@contextlib.contextmanager
+def running(name: str) -> Iterator[None]:
+    """Inference mode with the configuration's packed kernels on or off."""
     from tensorpress.parts.kernels import packed_kernels
 
     packed = CONFIGS[name][2]
-    prefill_ids, prompt = inputs(args, model)
     with torch.inference_mode(), packed_kernels(bool(packed), backend=packed or "auto"):
+        yield
+
+
+def warm_up(args: argparse.Namespace, name: str, model) -> None:
+    """A short prefill and decode (kernel packing happens here), not timed."""
+    prefill_ids, prompt = inputs(args, model)
+    with running(name):
         model(input_ids=prefill_ids[:, :64])
         model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
 
 
 def time_once(args: argparse.Namespace, name: str, model) -> tuple[float, float]:
     """Seconds of one prefill (``--prefill`` tokens) and one greedy decode (batch 1)."""
-    from tensorpress.parts.kernels import packed_kernels
-
-    packed = CONFIGS[name][2]
     prefill_ids, prompt = inputs(args, model)
-    with torch.inference_mode(), packed_kernels(bool(packed), backend=packed or "auto"):
+    with running(name):
         t = time.perf_counter()
         model(input_ids=prefill_ids, use_cache=False)
         prefill = time.perf_counter() - t

@@ -94,13 +94,6 @@ def _fsync_dir_files(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def _bridges(lm: LoadedModel) -> list[int]:
-    """Indices of the blocks that are linear bridges (``drop_blocks`` with ``replace: linear``)."""
-    from tensorpress.methods.structural.depth import bridge_indices
-
-    return bridge_indices(lm.adapter.blocks(lm.model))
-
-
 def save_checkpoint(
     lm: LoadedModel,
     path: str | os.PathLike,
@@ -116,6 +109,8 @@ def save_checkpoint(
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{path} exists and is not a directory; it will not be replaced")
     path.parent.mkdir(parents=True, exist_ok=True)
+    from tensorpress.methods.structural.depth import bridge_indices
+
     model = lm.model
     layers = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -158,7 +153,7 @@ def save_checkpoint(
             "recipe": recipe.to_dict() if recipe is not None else None,
             "layers": layer_entries,
             "aliases": aliases,
-            "bridges": _bridges(lm),
+            "bridges": bridge_indices(lm.adapter.blocks(model)),  # drop_blocks with replace: linear
             "files": files,
             **(extra or {}),
         }

@@ -40,8 +40,9 @@ def export_hf(lm: LoadedModel, path: str | os.PathLike, *, overwrite: bool = Fal
         raise OutputExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     from tensorpress.methods.structural.depth import bridge_indices
 
-    if bridge_indices(lm.adapter.blocks(lm.model)):
-        raise ExportError(f"{lm.spec}: blocks {bridge_indices(lm.adapter.blocks(lm.model))} are linear bridges (drop_blocks with "
+    bridges = bridge_indices(lm.adapter.blocks(lm.model))
+    if bridges:
+        raise ExportError(f"{lm.spec}: blocks {bridges} are linear bridges (drop_blocks with "
                           "replace 'linear'), which plain transformers cannot load; save a tensorpress checkpoint instead, "
                           "or prune with replace 'none'")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -98,9 +98,9 @@ def remove_blocks(lm: Any, model: nn.Module, drop: list[int], bridges: dict[int,
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     blocks = lm.adapter.blocks(model)
-    kept = [bridges.get(i, b) for i, b in enumerate(blocks) if i not in gone]
-    setattr(parent, attr, nn.ModuleList(kept))
-    renumber_attention(lm.adapter.blocks(model))
+    kept = nn.ModuleList([bridges.get(i, b) for i, b in enumerate(blocks) if i not in gone])
+    setattr(parent, attr, kept)
+    renumber_attention(kept)
     config = model.config
     old = config.num_hidden_layers
     config.num_hidden_layers = len(kept)

@@ -19,14 +19,13 @@ every file's size and sha256 before reading any of it, and never unpickles.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tensorpress import __version__
-from tensorpress.errors import CheckpointError, CodingError, OutputExistsError, UnsupportedArchitectureError
+from tensorpress.errors import (
+    CheckpointError,
+    CodingError,
+    TensorpressError,
+    UnsupportedArchitectureError,
+)
+from tensorpress.io.files import atomic_dir, confined, sha256_file
+from tensorpress.io.headers import safetensors_header
+from tensorpress.io.schema import CheckpointManifest, clip, validated
 from tensorpress.models import LoadedModel, adapter_for
-from tensorpress.parts import CompressedLinear, part_from_state
+from tensorpress.parts import PART_TYPES, CompressedLinear, part_from_state
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +53,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 PARTS_FILE = "parts.safetensors"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished directory ``tmp`` to ``target``, replacing what was there, so that the
-    target name only ever holds a complete directory."""
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+MAX_MANIFEST_BYTES = 1 << 30
 
 
 def _dense_state(model: torch.nn.Module, compressed: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -87,13 +74,6 @@ def _dense_state(model: torch.nn.Module, compressed: set[str]) -> tuple[dict[str
     return tensors, aliases
 
 
-def _fsync_dir_files(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-
-
 def save_checkpoint(
     lm: LoadedModel,
     path: str | os.PathLike,
@@ -104,17 +84,11 @@ def save_checkpoint(
 ) -> Path:
     """Write ``lm`` (compressed or not) as a checkpoint directory at ``path``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"{path} exists and is not a directory; it will not be replaced")
-    path.parent.mkdir(parents=True, exist_ok=True)
     from tensorpress.methods.structural.depth import bridge_indices
 
     model = lm.model
     layers = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path, overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
         dense, aliases = _dense_state(model, set(layers))
@@ -158,11 +132,6 @@ def save_checkpoint(
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        _fsync_dir_files(tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("saved checkpoint %s", path)
     return path
 
@@ -173,34 +142,45 @@ def load_manifest(path: Path, name: str, fmt: str, max_version: int, what: str) 
     mpath = path / name
     if not mpath.is_file():
         raise CheckpointError(f"{path} is not a {what}: {name} is missing")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"{mpath} is {mpath.stat().st_size} bytes, more than a manifest may be ({MAX_MANIFEST_BYTES})")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{mpath} is corrupt: not valid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: JSON errors, huge integers
+        raise CheckpointError(f"{mpath} is corrupt: not valid JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise CheckpointError(f"{mpath} is not a {fmt} manifest (format {found!r})")
+        raise CheckpointError(f"{mpath} is not a {fmt} manifest (format {clip(found)})")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > max_version:
+    if type(version) is not int or version > max_version:
         raise CheckpointError(
-            f"{path} has {what} format version {version!r}, newer than this tensorpress "
+            f"{path} has {what} format version {clip(version)}, newer than this tensorpress "
             f"{__version__} reads (up to {max_version}); upgrade tensorpress to load it"
         )
     return manifest
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a checkpoint, after checking format and version."""
+    """The manifest of a checkpoint, after checking format, version and every field's type."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path} is not a directory")
-    return load_manifest(path, MANIFEST, FORMAT, FORMAT_VERSION, "tensorpress checkpoint")
+    manifest = load_manifest(path, MANIFEST, FORMAT, FORMAT_VERSION, "tensorpress checkpoint")
+    validated(CheckpointManifest, manifest, str(path / MANIFEST))
+    for name in manifest["files"]:
+        confined(path, name, f"{path / MANIFEST}: files")
+    for required in (DENSE_FILE, "config.json"):
+        if required not in manifest["files"]:
+            raise CheckpointError(f"{path}: the manifest lists no {required}")
+    if manifest["layers"] and PARTS_FILE not in manifest["files"]:
+        raise CheckpointError(f"{path}: the manifest lists compressed layers but no {PARTS_FILE}")
+    return manifest
 
 
 def verify_files(path: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists exists with its recorded size and sha256."""
-    for name, entry in manifest.get("files", {}).items():
-        fpath = path / name
+    """Every file the manifest lists exists inside ``path`` with its recorded size and sha256."""
+    for name, entry in manifest["files"].items():
+        fpath = confined(path, name, f"{path / MANIFEST}: files")
         if not fpath.is_file():
             raise CheckpointError(f"{path}: file {name} listed in the manifest is missing")
         size = fpath.stat().st_size
@@ -209,9 +189,6 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
         digest = sha256_file(fpath)
         if digest != entry["sha256"]:
             raise CheckpointError(f"{path}: {name} does not match its sha256 in the manifest (corrupt or tampered with)")
-    for required in (DENSE_FILE, "config.json"):
-        if required not in manifest.get("files", {}):
-            raise CheckpointError(f"{path}: the manifest lists no {required}")
 
 
 def _model_class(name: str):
@@ -224,6 +201,7 @@ def _model_class(name: str):
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    safetensors_header(file)
     try:
         return load_file(file)
     except (SafetensorError, OSError) as exc:
@@ -232,12 +210,94 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def _packed_tensor_source(path: Path):
     """For a losslessly packed checkpoint: its manifest and a reader of its weight files."""
-    from tensorpress.lossless.pack import read_pack_manifest, read_tensors, verify_copied_files
+    from tensorpress.lossless.pack import (
+        read_pack_manifest,
+        read_tensors,
+        verify_copied_files,
+    )
 
     packed = read_pack_manifest(path)
     verify_copied_files(path, packed)
     manifest = read_manifest(path)
     return manifest, lambda name: read_tensors(path, name, packed)
+
+
+@contextlib.contextmanager
+def untrusted(what: str) -> Iterator[None]:
+    """Around library calls that read files of a directory we did not write: whatever the
+    library raises on a bad file (its error types are many and undocumented) becomes a
+    ``CheckpointError`` naming ``what``; our own typed errors pass through."""
+    try:
+        yield
+    except TensorpressError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - third-party parsers of untrusted files
+        raise CheckpointError(f"{what} cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _build_model(path: Path, manifest: dict[str, Any], config: Any, adapter: Any, dense_shapes: dict[str, tuple[int, ...]]):
+    """The model the manifest describes, after checking on the meta device (no memory) that
+    its tensors are the ones the files hold: a config that asks for more or other weights than
+    the files carry is refused before anything is allocated."""
+    cls = _model_class(manifest["model_class"])
+    with untrusted(f"{path}: config.json"), torch.device("meta"):
+        skeleton = cls(config)
+    compressed = manifest["layers"]
+    for name, entry in compressed.items():
+        try:
+            module = skeleton.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: the manifest's layer {name!r} is not a module of this {manifest['model_class']}") from None
+        weight = getattr(module, "weight", None)
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+        if shape is not None and type(module).__name__ == "Conv1D":
+            shape = shape[::-1]  # GPT-2's Conv1D keeps (in, out)
+        if shape != tuple(entry["shape"]):
+            raise CheckpointError(f"{path}: layer {name} is {list(entry['shape'])} in the manifest but {shape} in the model")
+    # a compressed linear's weight is its parts; its bias stays in the dense file
+    held = {f"{name}.weight" for name in compressed} | set(manifest["aliases"])
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in held}
+    if manifest.get("bridges"):
+        expected = None  # bridges replace blocks after construction; checked by load_state_dict below
+    if expected is not None and expected != dense_shapes:
+        wrong = sorted(k for k in set(expected) | set(dense_shapes) if expected.get(k) != dense_shapes.get(k))
+        raise CheckpointError(f"{path}: {DENSE_FILE} does not hold the tensors the config describes "
+                              f"(differing: {wrong[:5]}{' …' if len(wrong) > 5 else ''})")
+    dtype = getattr(torch, manifest["dtype"])
+    with untrusted(f"{path}: config.json"):
+        model = cls(config)
+    return model.to(dtype).eval(), dtype
+
+
+def _rebuild_layer(path: Path, name: str, entry: dict[str, Any], part_tensors: dict[str, torch.Tensor], dtype) -> CompressedLinear:
+    """One compressed linear from its manifest entry; every part checked against the entry
+    (kind, shape, exact bits) so that an edited manifest cannot rebuild a different layer."""
+    parts = []
+    shape = tuple(entry["shape"])
+    for i, p in enumerate(entry["parts"]):
+        where = f"{path}: part {i} of layer {name}"
+        if p["kind"] not in PART_TYPES:
+            raise CheckpointError(f"{where}: unknown part kind {p['kind']!r}; known: {', '.join(sorted(PART_TYPES))}")
+        if "shape" in p["meta"] and p["meta"]["shape"] != list(shape):
+            raise CheckpointError(f"{where}: shape {p['meta']['shape']!r} differs from the layer's {list(shape)}")
+        missing = [t for t in p["tensors"] if f"{name}.parts.{i}.{t}" not in part_tensors]
+        if missing:
+            raise CheckpointError(f"{where}: tensors {missing} are not in {PARTS_FILE}")
+        tensors = {t: part_tensors[f"{name}.parts.{i}.{t}"] for t in p["tensors"]}
+        try:
+            part = part_from_state(p["kind"], tensors, p["meta"])
+            bits = part.nbits()
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError, OverflowError, CodingError) as exc:
+            raise CheckpointError(f"{where} cannot be rebuilt ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if part.shape != shape or bits != p["nbits"]:
+            raise CheckpointError(f"{where}: rebuilds as {list(part.shape)} in {bits} bits, the manifest says "
+                                  f"{list(shape)} in {p['nbits']} bits")
+        parts.append(part)
+    bias = torch.zeros(shape[0], dtype=dtype) if entry["bias"] else None
+    layer = CompressedLinear(parts, bias)
+    if layer.weight_nbits() != entry["weight_bits"]:
+        raise CheckpointError(f"{path}: layer {name} holds {layer.weight_nbits()} bits, the manifest says {entry['weight_bits']}")
+    return layer
 
 
 def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
@@ -261,47 +321,46 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
         def tensors_of(name: str) -> dict[str, torch.Tensor]:
             return _load_tensors(path / name)
 
-    config = AutoConfig.from_pretrained(path)
+    with untrusted(f"{path}: config.json"):
+        config = AutoConfig.from_pretrained(path)
     try:
         adapter = adapter_for(config.model_type)
     except UnsupportedArchitectureError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    cls = _model_class(manifest["model_class"])
-    dtype = getattr(torch, manifest.get("dtype", "float32"))
-    model = cls(config).to(dtype).eval()
-    if manifest.get("bridges"):
+    if config.model_type != manifest["model_type"]:
+        raise CheckpointError(f"{path}: config.json is a {config.model_type!r} model, the manifest says {manifest['model_type']!r}")
+    dense = tensors_of(DENSE_FILE)
+    model, dtype = _build_model(path, manifest, config, adapter, {k: tuple(v.shape) for k, v in dense.items()})
+    if manifest["bridges"]:
         from tensorpress.methods.structural.depth import place_bridges
 
         bridges, n_blocks = manifest["bridges"], len(adapter.blocks(model))
-        if not all(isinstance(i, int) and 0 <= i < n_blocks for i in bridges):
+        if not all(0 <= i < n_blocks for i in bridges):
             raise CheckpointError(f"{path}: manifest lists bridges {bridges} for a model of {n_blocks} blocks")
         place_bridges(adapter, model, bridges)
     part_tensors = tensors_of(PARTS_FILE) if manifest["layers"] else {}
-    expected_missing = set(manifest.get("aliases", {}))
+    expected_missing = set(manifest["aliases"])
     for name, entry in manifest["layers"].items():
-        parts = []
-        for i, p in enumerate(entry["parts"]):
-            try:
-                tensors = {t: part_tensors[f"{name}.parts.{i}.{t}"] for t in p["tensors"]}
-                parts.append(part_from_state(p["kind"], tensors, p["meta"]))
-            except (KeyError, ValueError, CodingError) as exc:
-                raise CheckpointError(f"{path}: part {i} of layer {name} cannot be rebuilt ({exc})") from None
-        bias = torch.zeros(entry["shape"][0], dtype=dtype) if entry["bias"] else None
-        layer = CompressedLinear(parts, bias)
+        layer = _rebuild_layer(path, name, entry, part_tensors, dtype)
         model.set_submodule(name, layer)
         expected_missing.update(f"{name}.{k}" for k in layer.state_dict() if k.startswith("parts."))
-    dense = tensors_of(DENSE_FILE)
-    missing, unexpected = model.load_state_dict(dense, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(dense, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise CheckpointError(f"{path}: tensors do not fit the model ({str(exc)[:300]})") from None
     if unexpected or set(missing) - expected_missing:
         raise CheckpointError(
             f"{path}: tensors do not fit the model: missing {sorted(set(missing) - expected_missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
     state = model.state_dict()
-    for alias, target in manifest.get("aliases", {}).items():
+    for alias, target in manifest["aliases"].items():
+        if alias not in state or target not in dense or state[alias].shape != dense[target].shape:
+            raise CheckpointError(f"{path}: alias {alias!r} -> {target!r} names no tensor of the model of that shape")
         if state[alias].data_ptr() != state[target].data_ptr():
             state[alias].copy_(dense[target])
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with untrusted(f"{path}: tokenizer files"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     info = {"base_model": manifest.get("base_model"), "checkpoint": str(path), "manifest": manifest}
     return LoadedModel(model, tokenizer, adapter, str(path), info)
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
-from tensorpress.errors import ExportError, OutputExistsError
-from tensorpress.io.checkpoint import replace_dir
+from tensorpress.errors import ExportError
+from tensorpress.io.files import atomic_dir, check_output
 from tensorpress.models import LoadedModel
 from tensorpress.parts import CompressedLinear
 
@@ -36,8 +35,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
 def export_hf(lm: LoadedModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``lm`` as a Hugging Face directory that ``from_pretrained`` loads (atomic)."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    check_output(path, overwrite)
     from tensorpress.methods.structural.depth import bridge_indices
 
     bridges = bridge_indices(lm.adapter.blocks(lm.model))
@@ -45,18 +43,10 @@ def export_hf(lm: LoadedModel, path: str | os.PathLike, *, overwrite: bool = Fal
         raise ExportError(f"{lm.spec}: blocks {bridges} are linear bridges (drop_blocks with "
                           "replace 'linear'), which plain transformers cannot load; save a tensorpress checkpoint instead, "
                           "or prune with replace 'none'")
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = dense_copy(lm.model)
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

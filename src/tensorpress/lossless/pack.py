@@ -19,12 +19,10 @@ then the tensors' encodings (``format.encode``) back to back at the offsets the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -36,8 +34,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tensorpress import __version__
-from tensorpress.errors import CheckpointError, CodingError, ModelNotFoundError, OutputExistsError
-from tensorpress.io.checkpoint import load_manifest, replace_dir, sha256_file
+from tensorpress.errors import CheckpointError, CodingError, ModelNotFoundError
+from tensorpress.io.checkpoint import load_manifest
+from tensorpress.io.files import (
+    atomic_dir,
+    check_output,
+    confined,
+    sha256_bytes,
+    sha256_file,
+)
+from tensorpress.io.headers import safetensors_header
+from tensorpress.io.schema import ContainerIndex, PackManifest, validated
 from tensorpress.lossless.format import CodingStats, decode, encode_with_stats
 from tensorpress.parts.packing import pack_bits, unpack_bits
 from tensorpress.progress import track
@@ -47,10 +54,6 @@ PACK_FORMAT = "tensorpress-lossless"
 PACK_VERSION = 1
 CONTAINER_MAGIC = b"TPLK"
 SUFFIX = ".tplc"
-
-
-def sha256_bytes(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _tensor_sha256(t: torch.Tensor) -> str:
@@ -88,24 +91,31 @@ def resolve_source(spec: str | os.PathLike) -> Path:
 
 def _code_bits(source: Path) -> dict[str, int]:
     """Tensor name -> bits, for the bit-packed code tensors of a tensorpress checkpoint."""
+    from tensorpress.io.checkpoint import FORMAT, read_manifest
     from tensorpress.parts import PART_TYPES
 
     manifest_path = source / "manifest.json"
     if not manifest_path.is_file():
         return {}
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        found = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return {}
-    if not isinstance(manifest, dict) or manifest.get("format") != "tensorpress-checkpoint":
-        return {}
+    if not isinstance(found, dict) or found.get("format") != FORMAT:
+        return {}  # some other program's manifest.json: copied as it is
+    manifest = read_manifest(source)  # a tensorpress checkpoint: validated like any other
     out: dict[str, int] = {}
-    for layer, entry in manifest.get("layers", {}).items():
-        for i, part in enumerate(entry.get("parts", [])):
-            cls = PART_TYPES.get(part.get("kind"))
+    for layer, entry in manifest["layers"].items():
+        for i, part in enumerate(entry["parts"]):
+            cls = PART_TYPES.get(part["kind"])
             if cls is None:
                 continue
-            for tensor, bits in cls.code_bits(part.get("meta", {})).items():
+            try:
+                widths = cls.code_bits(part["meta"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{manifest_path}: part {i} of layer {layer} has settings {part['meta']} "
+                                      f"that a {part['kind']} part cannot have") from None
+            for tensor, bits in widths.items():
                 out[f"{layer}.parts.{i}.{tensor}"] = bits
     return out
 
@@ -163,8 +173,16 @@ def _read_container(path: Path) -> tuple[list[dict[str, Any]], dict[str, str] | 
     (crc,) = struct.unpack_from("<I", data, head + n)
     if zlib.crc32(index_bytes) != crc:
         raise CodingError(f"{path}: container index checksum mismatch (corrupt)")
-    index = json.loads(bytes(index_bytes))
-    return index["tensors"], index.get("metadata"), data[head + n + 4:]
+    try:
+        index = json.loads(bytes(index_bytes))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CodingError(f"{path}: container index is not valid JSON ({type(exc).__name__})") from None
+    validated(ContainerIndex, index, f"{path}: container index")
+    payload = data[head + n + 4:]
+    for item in index["tensors"]:
+        if item["offset"] + item["bytes"] > len(payload):
+            raise CodingError(f"{path}: tensor {item['name'][:80]!r} lies past the end of the container (truncated?)")
+    return index["tensors"], index.get("metadata"), payload
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str] | None:
@@ -176,25 +194,26 @@ def pack(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
     """Write a lossless copy of ``source`` at ``out``; returns the ``lossless.json`` manifest."""
     src = resolve_source(source)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    check_output(out, overwrite)
     if (src / PACK_MANIFEST).is_file():
         raise CodingError(f"{src} is already packed (it has {PACK_MANIFEST}); unpack it first")
     files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
     weights = [p for p in files if p.suffix == ".safetensors"]
     if not weights:
         raise ModelNotFoundError(f"{src} holds no *.safetensors files to pack")
+    for path in files:  # a symlink out of the directory would pack a stranger's file
+        confined(src, path.relative_to(src).as_posix(), str(src))
+    for path in weights:
+        safetensors_header(path)
     code_bits = _code_bits(src)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     manifest: dict[str, Any] = {
         "format": PACK_FORMAT, "format_version": PACK_VERSION, "tensorpress_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": str(source),
         "checkpoint": (src / "manifest.json").is_file(), "files": {},
     }
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         for path in files:
-            rel = str(path.relative_to(src))
+            rel = path.relative_to(src).as_posix()
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             entry: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
@@ -217,10 +236,6 @@ def pack(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
                 entry["stored"] = rel
             manifest["files"][rel] = entry
         (tmp / PACK_MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -229,12 +244,24 @@ def is_packed(path: str | os.PathLike) -> bool:
 
 
 def read_pack_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """``lossless.json`` of a packed directory, after checking format and version."""
-    return load_manifest(Path(path), PACK_MANIFEST, PACK_FORMAT, PACK_VERSION, "packed model")
+    """``lossless.json`` of a packed directory, after checking format, version, every field's
+    type and every file name (inside the directory; no name both a file and a folder)."""
+    path = Path(path)
+    manifest = load_manifest(path, PACK_MANIFEST, PACK_FORMAT, PACK_VERSION, "packed model")
+    where = str(path / PACK_MANIFEST)
+    validated(PackManifest, manifest, where)
+    names = set(manifest["files"])
+    for rel, entry in manifest["files"].items():
+        confined(path, rel, f"{where}: files")
+        confined(path, entry["stored"], f"{where}: files.{rel}.stored")
+        parents = {"/".join(rel.split("/")[:i]) for i in range(1, rel.count("/") + 1)}
+        if parents & names:
+            raise CheckpointError(f"{where}: {rel!r} lies inside {min(parents & names)!r}, which is listed as a file")
+    return manifest
 
 
 def _check_stored(path: Path, rel: str, entry: dict[str, Any]) -> Path:
-    stored = path / entry["stored"]
+    stored = confined(path, entry["stored"], f"{path / PACK_MANIFEST}: files.{rel}.stored")
     if not stored.is_file():
         raise CheckpointError(f"{path}: {entry['stored']} (for {rel}) is missing")
     digest_key = "stored_sha256" if "stored_sha256" in entry else "sha256"
@@ -246,7 +273,7 @@ def _check_stored(path: Path, rel: str, entry: dict[str, Any]) -> Path:
 def verify_copied_files(path: Path, manifest: dict[str, Any]) -> None:
     """Every file copied as is (config, tokenizer, checkpoint manifest) matches its sha256."""
     for rel, entry in manifest["files"].items():
-        if "tensors" not in entry:
+        if entry.get("tensors") is None:
             _check_stored(path, rel, entry)
 
 
@@ -254,7 +281,7 @@ def _decode_file(path: Path, rel: str, manifest: dict[str, Any]) -> tuple[dict[s
     """The tensors of one packed weights file and its safetensors metadata (file checked by
     sha256 first, every tensor by sha256 after decoding)."""
     entry = manifest["files"].get(rel)
-    if entry is None or "tensors" not in entry:
+    if entry is None or entry.get("tensors") is None:
         raise CheckpointError(f"{path}: {rel} is not a packed weights file of this directory")
     stored = _check_stored(path, rel, entry)
     index, metadata, payload = _read_container(stored)
@@ -291,31 +318,23 @@ def unpack(packed: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
     (its tensors always are: each is checked by sha256)."""
     packed, out = Path(packed), Path(out)
     manifest = read_pack_manifest(packed)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     identical: dict[str, bool] = {}
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         for rel, entry in manifest["files"].items():
-            target = tmp / rel
+            target = confined(tmp, rel, f"{packed / PACK_MANIFEST}: files")  # checked on read; checked again where written
             target.parent.mkdir(parents=True, exist_ok=True)
-            if "tensors" in entry:
+            if entry.get("tensors") is not None:
                 tensors, metadata = _decode_file(packed, rel, manifest)
                 save_file(tensors, str(target), metadata=metadata)
                 identical[rel] = sha256_file(target) == entry["sha256"]
             else:
-                shutil.copy2(_check_stored(packed, rel, entry), target)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                shutil.copyfile(_check_stored(packed, rel, entry), target)
     return identical
 
 
 def summary(manifest: dict[str, Any]) -> dict[str, float]:
     """Totals over every coded tensor: values, original/coded/bound bits."""
-    tensors = [t for e in manifest["files"].values() for t in e.get("tensors", {}).values()]
+    tensors = [t for e in manifest["files"].values() for t in (e.get("tensors") or {}).values()]
     return {
         "tensors": len(tensors),
         "values": sum(t["numel"] for t in tensors),

@@ -142,17 +142,48 @@ def _load_tokenizer(source: str | Path, **kwargs: Any):
     return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
+def _untrusted_files(what: str):
+    """Files of a model directory or GGUF are untrusted input: their headers are validated by
+    ``io.headers`` first; whatever ``transformers`` still raises reading them (its error types
+    are many) becomes a ``CheckpointError`` naming ``what``."""
+    from tensorpress.io.checkpoint import untrusted
+
+    return untrusted(what)
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, spec: str) -> LoadedModel:
     from transformers import AutoConfig
 
+    from tensorpress.io.headers import gguf_header
+
+    gguf_header(path)
     kwargs = {"gguf_file": path.name}
-    config = AutoConfig.from_pretrained(path.parent, **kwargs)
+    with _untrusted_files(str(path)):
+        config = AutoConfig.from_pretrained(path.parent, **kwargs)
     adapter = _adapter_from_config(config, str(path))
     log.info("loading GGUF %s (weights are dequantized to %s)", path, dtype)
-    model = _load_pretrained(path.parent, adapter, dtype, **kwargs)
-    model = _rebuild_without_gguf(model)
-    tokenizer = _load_tokenizer(path.parent, **kwargs)
+    with _untrusted_files(str(path)):
+        model = _load_pretrained(path.parent, adapter, dtype, **kwargs)
+        model = _rebuild_without_gguf(model)
+        tokenizer = _load_tokenizer(path.parent, **kwargs)
     return LoadedModel(model, tokenizer, adapter, spec, {"source": "gguf", "path": str(path)})
+
+
+def _check_config_fits_weights(path: Path, config: Any, adapter: Adapter, headers: list[dict[str, Any]]) -> None:
+    """A config that asks for more weights than the safetensors files hold would make
+    ``transformers`` allocate (and randomly initialise) the difference: refuse it before
+    anything is allocated, by building the model on the meta device and counting."""
+    from math import prod
+
+    with _untrusted_files(f"{path}/config.json"), torch.device("meta"):
+        skeleton = _model_class(adapter).from_config(config)
+    wanted = sum(p.numel() for p in skeleton.parameters())
+    held = sum(prod(t["shape"]) for h in headers for name, t in h.items() if name != "__metadata__")
+    if wanted > held:
+        from tensorpress.errors import CheckpointError
+
+        raise CheckpointError(f"{path}: config.json describes a model of {wanted:,} weights, but its safetensors "
+                              f"files hold {held:,} values (an edited config, or missing shards)")
 
 
 def _load_dir(path: Path, dtype: torch.dtype, spec: str, trust_remote_code: bool) -> LoadedModel:
@@ -163,10 +194,17 @@ def _load_dir(path: Path, dtype: torch.dtype, spec: str, trust_remote_code: bool
             f"{path} is a directory but has no config.json: pass a Hugging Face model "
             "directory, a .gguf file, a hub id or a built-in name"
         )
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from tensorpress.io.headers import safetensors_header
+
+    headers = [safetensors_header(weights) for weights in sorted(path.glob("*.safetensors"))]
+    with _untrusted_files(str(path)):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     adapter = _adapter_from_config(config, str(path))
-    model = _load_pretrained(path, adapter, dtype, trust_remote_code=trust_remote_code)
-    tokenizer = _load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if headers and not trust_remote_code:
+        _check_config_fits_weights(path, config, adapter, headers)
+    with _untrusted_files(str(path)):
+        model = _load_pretrained(path, adapter, dtype, trust_remote_code=trust_remote_code)
+        tokenizer = _load_tokenizer(path, trust_remote_code=trust_remote_code)
     return LoadedModel(model, tokenizer, adapter, spec, {"source": "directory", "path": str(path)})
 
 

@@ -85,7 +85,7 @@ def packed_table(manifest: dict[str, Any], per_tensor: bool = False) -> Table:
                       _fmt(coded / bound - 1 if bound else None, "+.2%"))
 
     for rel, entry in manifest["files"].items():
-        if "tensors" not in entry:
+        if entry.get("tensors") is None:
             continue
         if per_tensor:
             for name, t in entry["tensors"].items():

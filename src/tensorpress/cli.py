@@ -18,7 +18,7 @@ from rich.text import Text
 
 import tensorpress as tp
 from tensorpress.data import DEFAULT_TEXT
-from tensorpress.errors import OutputExistsError, TensorpressError
+from tensorpress.errors import CheckpointError, OutputExistsError, TensorpressError
 from tensorpress.io import read_manifest
 
 app = typer.Typer(
@@ -98,8 +98,10 @@ def compress(
     from tensorpress.eval.quality import max_output_difference
 
     diff = max_output_difference(result.model.model, reloaded.model, _probe_ids(lm))
-    verdict = "identical" if diff == 0.0 else f"differ by up to {diff:.3g}"
-    err.print(f"saved {output}; reloaded: outputs {verdict} to the in-memory compressed model")
+    if diff != 0.0:
+        raise CheckpointError(f"saved {output}, but the reloaded checkpoint's outputs differ from the in-memory "
+                              f"compressed model's by up to {diff:.3g}: the checkpoint does not hold what was measured")
+    err.print(f"saved {output}; reloaded: outputs identical to the in-memory compressed model")
     payload = {"checkpoint": str(output), "compression": result.to_dict(), "reload_max_diff": diff}
     if evaluate:
         # the reloaded checkpoint is what gets evaluated: the figures are those of the files on disk
@@ -156,12 +158,19 @@ def eval_cmd(
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="a tensorpress checkpoint or packed (lossless) directory")],
     tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="for a packed directory: one row per tensor")] = False,
+    verify_files: Annotated[bool, typer.Option("--verify/--no-verify", help="check every file's size and sha256 first (as 'tensorpress verify')")] = True,
 ) -> None:
     """Show a checkpoint's recipe, per-layer parts and bits, and files; for a packed directory,
-    the coded size of every file (and tensor) against its Shannon bound."""
+    the coded size of every file (and tensor) against its Shannon bound. Every file is
+    verified first; a mismatch exits with status 2.
+
+    Example: tensorpress inspect out/w4
+    """
     from tensorpress.lossless.pack import is_packed, read_pack_manifest
     from tensorpress.report import layers_table
 
+    if verify_files:
+        _verified(checkpoint)
     packed = is_packed(checkpoint)
     if packed and not (checkpoint / "manifest.json").is_file():
         _inspect_packed(checkpoint, read_pack_manifest(checkpoint), tensors)
@@ -202,6 +211,29 @@ def _inspect_packed(path: Path, manifest: dict, per_tensor: bool) -> None:
                   f"{total['coded_bits'] / 8e6:.2f} MB (ratio {total['original_bits'] / total['coded_bits']:.3f}), "
                   f"{total['coded_bits'] / total['values']:.3f} bits/value; Shannon bound "
                   f"{total['bound_bits'] / total['values']:.3f} (gap {total['coded_bits'] / total['bound_bits'] - 1:+.2%})")
+
+
+def _verified(path: Path) -> dict[str, str | None]:
+    """Verify every file of ``path``; raise ``CheckpointError`` listing the files that fail."""
+    found = tp.io.verify(path)
+    bad = {name: problem for name, problem in found.items() if problem is not None}
+    if bad:
+        listed = "; ".join(f"{name}: {problem}" for name, problem in list(bad.items())[:5])
+        raise CheckpointError(f"{path}: {len(bad)} of {len(found)} files fail verification ({listed})")
+    return found
+
+
+@app.command()
+def verify(
+    checkpoint: Annotated[Path, typer.Argument(help="a tensorpress checkpoint or packed (lossless) directory")],
+) -> None:
+    """Check every file of a checkpoint or packed directory against its manifest: size and
+    sha256 of each file (and, packed, of every decoded tensor). Exits 2 on any mismatch.
+
+    Example: tensorpress verify out/w4
+    """
+    found = _verified(checkpoint)
+    out.print(f"{checkpoint}: all {len(found)} files match their manifest (sizes and sha256)")
 
 
 @app.command()

@@ -6,7 +6,8 @@ from tensorpress.io.checkpoint import (
     load_checkpoint,
     read_manifest,
     save_checkpoint,
+    verify,
 )
 from tensorpress.io.export import export_hf
 
-__all__ = ["FORMAT_VERSION", "export_hf", "checkpoint_bytes", "load_checkpoint", "read_manifest", "save_checkpoint"]
+__all__ = ["FORMAT_VERSION", "checkpoint_bytes", "export_hf", "load_checkpoint", "read_manifest", "save_checkpoint", "verify"]

@@ -177,18 +177,44 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(path: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists exists inside ``path`` with its recorded size and sha256."""
+def file_problems(path: Path, manifest: dict[str, Any]) -> dict[str, str | None]:
+    """For every file the manifest lists: ``None`` if it exists inside ``path`` with its
+    recorded size and sha256, else what is wrong with it."""
+    found: dict[str, str | None] = {}
     for name, entry in manifest["files"].items():
         fpath = confined(path, name, f"{path / MANIFEST}: files")
         if not fpath.is_file():
-            raise CheckpointError(f"{path}: file {name} listed in the manifest is missing")
-        size = fpath.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointError(f"{path}: {name} is {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
-        digest = sha256_file(fpath)
-        if digest != entry["sha256"]:
-            raise CheckpointError(f"{path}: {name} does not match its sha256 in the manifest (corrupt or tampered with)")
+            found[name] = "missing"
+        elif (size := fpath.stat().st_size) != entry["bytes"]:
+            found[name] = f"{size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
+        elif sha256_file(fpath) != entry["sha256"]:
+            found[name] = "does not match its sha256 in the manifest (corrupt or tampered with)"
+        else:
+            found[name] = None
+    return found
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists exists inside ``path`` with its recorded size and sha256."""
+    for name, problem in file_problems(path, manifest).items():
+        if problem is not None:
+            raise CheckpointError(f"{path}: {name} {'listed in the manifest is missing' if problem == 'missing' else problem}")
+
+
+def verify(path: str | os.PathLike) -> dict[str, str | None]:
+    """Check every file of a checkpoint or packed directory against its manifest (sizes and
+    sha256; in a packed directory every tensor decoded and checked too): file name -> ``None``
+    when it matches, else the problem. A manifest that is itself invalid raises ``CheckpointError``."""
+    from tensorpress.lossless.pack import file_problems as packed_problems
+    from tensorpress.lossless.pack import is_packed, read_pack_manifest
+
+    path = Path(path)
+    if is_packed(path):
+        found = packed_problems(path, read_pack_manifest(path))
+        if (path / MANIFEST).is_file() and found.get(MANIFEST) is None:
+            read_manifest(path)  # a packed checkpoint: its own manifest must be valid too
+        return found
+    return file_problems(path, read_manifest(path))
 
 
 def _model_class(name: str):

@@ -270,6 +270,22 @@ def _check_stored(path: Path, rel: str, entry: dict[str, Any]) -> Path:
     return stored
 
 
+def file_problems(path: Path, manifest: dict[str, Any]) -> dict[str, str | None]:
+    """For every original file of a packed directory: ``None`` if its stored file matches its
+    sha256 and (weights files) every tensor decodes to its recorded sha256, else the problem."""
+    found: dict[str, str | None] = {}
+    for rel, entry in manifest["files"].items():
+        try:
+            if entry.get("tensors") is None:
+                _check_stored(path, rel, entry)
+            else:
+                _decode_file(path, rel, manifest)
+            found[rel] = None
+        except (CheckpointError, CodingError) as exc:
+            found[rel] = str(exc)
+    return found
+
+
 def verify_copied_files(path: Path, manifest: dict[str, Any]) -> None:
     """Every file copied as is (config, tokenizer, checkpoint manifest) matches its sha256."""
     for rel, entry in manifest["files"].items():

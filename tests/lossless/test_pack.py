@@ -78,7 +78,8 @@ def test_checkpoint_codes_are_coded_below_their_width_and_reload_exactly(tmp_pat
     ids = torch.randint(3, 300, (2, 16))
     assert torch.equal(_logits(original, ids), _logits(packed, ids))
     assert unpack(tmp_path / "packed", tmp_path / "unpacked") == {"dense.safetensors": True, "parts.safetensors": True}
-    tp.load_compressed(tmp_path / "unpacked")  # the unpacked copy verifies against its own manifest
+    unpacked = tp.load_compressed(tmp_path / "unpacked")  # verifies against its own manifest
+    assert torch.equal(_logits(unpacked, ids), _logits(original, ids))
 
 
 def test_corrupt_container_is_reported_with_file_and_tensor(tmp_path, hf_dir):
@@ -128,8 +129,10 @@ def test_bad_sources_and_existing_outputs_are_clear_errors(tmp_path, hf_dir):
         pack(tmp_path / "p", tmp_path / "pp")
 
 
-def test_cli_pack_inspect_unpack(tmp_path, checkpoint):
-    cli.out.width = 220
+def test_cli_pack_inspect_unpack(tmp_path, checkpoint, monkeypatch):
+    # tables on one line per row. (rich keeps a set width in `_width`, None = the terminal's:
+    # patching the `width` property instead would pin the terminal's width after the test)
+    monkeypatch.setattr(cli.out, "_width", 220)
     packed, unpacked = tmp_path / "packed", tmp_path / "unpacked"
     result = runner.invoke(cli.app, ["pack", str(checkpoint), str(packed)])
     assert result.exit_code == 0, result.output

@@ -154,7 +154,17 @@ def test_quantized_plus_lowrank_beats_quantization_alone_on_the_layer_output():
     assert out_err(qlr) < 0.8 * out_err(gptq)
     linear = CompressedLinear(qlr)
     torch.testing.assert_close(linear(x[:5]), x[:5] @ linear.dense().T, rtol=1e-4, atol=1e-3)
-    assert isinstance(DensePart(w), DensePart)
+    # a drop-in for the dense layer: against it (a DensePart of w), the two parts' layer output
+    # is closer than GPTQ's, and adding their residual as a third part gives the layer back
+    dense = CompressedLinear([DensePart(w)])
+    ref = dense(x)
+    torch.testing.assert_close(ref, x @ w.T, rtol=1e-4, atol=1e-3)
+
+    def rel_err(layer):
+        return ((layer(x) - ref).norm() / ref.norm()).item()
+
+    assert rel_err(linear) < 0.8 * rel_err(CompressedLinear(gptq))  # measured 0.056 vs 0.371
+    assert rel_err(CompressedLinear([*qlr, DensePart(w - linear.dense())])) < 1e-5  # measured 2.4e-7
 
 
 def test_fisher_component_costs_reduce_to_half_the_energy_under_a_flat_fisher():

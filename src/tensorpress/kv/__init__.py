@@ -35,7 +35,7 @@ from tensorpress.kv.evict import (
     StreamingLayer,
     StreamingSettings,
 )
-from tensorpress.kv.lowrank import LowRankLayer, LowRankSettings, projections, second_moments
+from tensorpress.kv.lowrank import LowRankLayer, LowRankSettings, projections, second_moments, token_digest
 from tensorpress.kv.merge import MiniCacheSettings, build_layers
 from tensorpress.kv.quant import GearLayer, GearSettings, KiviLayer, QuantSettings
 
@@ -115,7 +115,7 @@ def cache(name: str, lm: Any, calibration: Any = None, **settings: Any) -> KVCac
         if calibration is None:
             raise CacheConfigError("the lowrank cache needs calibration data: pass calibration=tp.data.calibration(lm, ...)")
         ids = _calibration_ids(calibration)
-        key = (id(model), s.ratio, ids.shape, int(ids.sum()))
+        key = (id(model), s.ratio, token_digest(ids))  # a digest, not a sum: sets with equal sums differ
         bases = _LOWRANK_MEMO.get(key)
         if bases is None:
             bases = projections(second_moments(model, ids), s.ratio)

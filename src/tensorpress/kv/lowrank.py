@@ -15,6 +15,7 @@ position, at some cost in rank compared with projecting before rotation.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from collections.abc import Iterable
 
@@ -85,6 +86,16 @@ def allocate_ranks(spectra: list[torch.Tensor], budget: int, cost: Iterable[int]
         if ranks[i] < len(gains[i]):
             heapq.heappush(heap, (-gains[i][ranks[i]], i))
     return ranks
+
+
+def token_digest(ids: torch.Tensor) -> str:
+    """sha256 of token ids (their shape, dtype and values): what identifies a calibration set in
+    the projection memo, since different sets give different projections whatever they share
+    (the same sum, the same shape)."""
+    ids = ids.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{tuple(ids.shape)} {ids.dtype}\n".encode())
+    digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def projections(moments, ratio: float) -> list[tuple[torch.Tensor, torch.Tensor]]:

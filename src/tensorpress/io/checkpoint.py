@@ -167,6 +167,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path} is not a directory")
     manifest = load_manifest(path, MANIFEST, FORMAT, FORMAT_VERSION, "tensorpress checkpoint")
     validated(CheckpointManifest, manifest, str(path / MANIFEST))
+    for key, default in (("aliases", {}), ("bridges", []), ("dtype", "float32"), ("recipe", None), ("base_model", None)):
+        manifest.setdefault(key, default)  # fields older checkpoints of format 1 may lack
     for name in manifest["files"]:
         confined(path, name, f"{path / MANIFEST}: files")
     for required in (DENSE_FILE, "config.json"):
@@ -184,9 +186,9 @@ def file_problems(path: Path, manifest: dict[str, Any]) -> dict[str, str | None]
     for name, entry in manifest["files"].items():
         fpath = confined(path, name, f"{path / MANIFEST}: files")
         if not fpath.is_file():
-            found[name] = "missing"
+            found[name] = "listed in the manifest is missing"
         elif (size := fpath.stat().st_size) != entry["bytes"]:
-            found[name] = f"{size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
+            found[name] = f"is {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
         elif sha256_file(fpath) != entry["sha256"]:
             found[name] = "does not match its sha256 in the manifest (corrupt or tampered with)"
         else:
@@ -198,7 +200,7 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest lists exists inside ``path`` with its recorded size and sha256."""
     for name, problem in file_problems(path, manifest).items():
         if problem is not None:
-            raise CheckpointError(f"{path}: {name} {'listed in the manifest is missing' if problem == 'missing' else problem}")
+            raise CheckpointError(f"{path}: {name} {problem}")
 
 
 def verify(path: str | os.PathLike) -> dict[str, str | None]:

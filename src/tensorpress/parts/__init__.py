@@ -6,9 +6,9 @@ from tensorpress.parts.dense import DensePart
 from tensorpress.parts.linear import CompressedLinear
 from tensorpress.parts.lowrank import LowRankPart
 from tensorpress.parts.masked import MaskedPart
+from tensorpress.parts.quant_math import QuantGrid
 from tensorpress.parts.quantized import QuantizedPart
 from tensorpress.parts.sparse import SparsePart
-from tensorpress.parts.quant_math import QuantGrid
 
 __all__ = [
     "PART_TYPES",

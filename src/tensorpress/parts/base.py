@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tensorpress.parts.meta import PartMeta, check_meta
+
 PART_TYPES: dict[str, type[Part]] = {}
 
 
@@ -33,6 +35,7 @@ class Part(nn.Module):
     """Base class of all parts. Subclasses set ``kind`` and implement the abstract methods."""
 
     kind: ClassVar[str] = ""
+    meta_schema: ClassVar[type[PartMeta]] = PartMeta  # what ``state()``'s dict may hold
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__()
@@ -81,4 +84,5 @@ def part_from_state(kind: str, tensors: dict[str, torch.Tensor], meta: dict[str,
         cls = PART_TYPES[kind]
     except KeyError:
         raise KeyError(f"unknown part kind {kind!r}; known: {sorted(PART_TYPES)}") from None
+    check_meta(cls.meta_schema, meta)
     return cls.from_state(tensors, meta)

@@ -18,6 +18,7 @@ import torch
 
 from tensorpress.parts.base import Part, dtype_bits, register_part
 from tensorpress.parts.coded import CodesStorage
+from tensorpress.parts.meta import CodebookMeta
 from tensorpress.parts.quant_math import effective_group, expand_groups
 
 # The 16 levels of NF4 (Dettmers et al., QLoRA): quantiles of a standard normal, rescaled to
@@ -33,6 +34,7 @@ NF4_LEVELS = (
 @register_part
 class CodebookPart(CodesStorage, Part):
     kind = "codebook"
+    meta_schema = CodebookMeta
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tensorpress.parts.base import Part, register_part
+from tensorpress.parts.meta import LowRankMeta
 
 FACTOR_BITS = (8, 16, 32)
 _SCALE_DTYPE = torch.float16
@@ -29,6 +30,7 @@ def _int8_rows(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @register_part
 class LowRankPart(Part):
     kind = "lowrank"
+    meta_schema = LowRankMeta
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, factor_bits: int = 16) -> None:
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from tensorpress.parts.base import Part, dtype_bits, register_part
+from tensorpress.parts.meta import MaskedMeta
 from tensorpress.parts.packing import pack_bits, pack_wide, unpack_bits, unpack_wide
 from tensorpress.parts.quant_math import QuantGrid, dequantize
 
@@ -74,6 +75,7 @@ def decode_nm(index: torch.Tensor, n: int, m: int, shape: tuple[int, int]) -> to
 @register_part
 class MaskedPart(Part):
     kind = "masked"
+    meta_schema = MaskedMeta
 
     def __init__(
         self,

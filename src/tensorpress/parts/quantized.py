@@ -14,6 +14,7 @@ import torch
 from tensorpress.parts.base import Part, dtype_bits, register_part
 from tensorpress.parts.coded import CodesStorage
 from tensorpress.parts.kernels import KERNEL_MAX_TOKENS, PackedWeight, kernel_mode
+from tensorpress.parts.meta import QuantizedMeta
 from tensorpress.parts.packing import pack_bits, unpack_bits
 from tensorpress.parts.quant_math import QuantGrid, dequantize
 
@@ -21,6 +22,7 @@ from tensorpress.parts.quant_math import QuantGrid, dequantize
 @register_part
 class QuantizedPart(CodesStorage, Part):
     kind = "quantized"
+    meta_schema = QuantizedMeta
 
     def __init__(self, codes: torch.Tensor, grid: QuantGrid) -> None:
         super().__init__(*codes.shape)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tensorpress.parts.base import Part, dtype_bits, register_part
+from tensorpress.parts.meta import SparseMeta
 from tensorpress.parts.packing import pack_wide, unpack_wide
 
 
@@ -23,6 +24,7 @@ def _bits_for(n: int) -> int:
 @register_part
 class SparsePart(Part):
     kind = "sparse"
+    meta_schema = SparseMeta
 
     def __init__(self, shape: tuple[int, int], rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__(*shape)

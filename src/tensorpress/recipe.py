@@ -14,9 +14,10 @@ Every stage is validated against its method's pydantic config; a mistake raises
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -27,12 +28,38 @@ from tensorpress.methods import METHODS, MethodConfig
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _accepted_range(cls: type[MethodConfig], loc: tuple[Any, ...]) -> str:
+    """``"0 < sparsity < 1"``: the bounds a numeric setting (or, for ``loc`` inside a mapping or
+    list setting, each of its values) is declared with; ``""`` if it has none."""
+    info = cls.model_fields.get(str(loc[0]))
+    if info is None:
+        return ""
+    constraints = info.metadata
+    if len(loc) > 1:  # an item of e.g. sparsity_overrides: the constraints of the value type
+        args = get_args(info.annotation)
+        extras = get_args(args[-1])[1:] if args else ()
+        constraints = [c for extra in extras for c in getattr(extra, "metadata", [extra])]
+    bounds = {k: getattr(c, k) for c in constraints for k in ("gt", "ge", "lt", "le") if getattr(c, k, None) is not None}
+    name = loc[0] if len(loc) == 1 else "each value"
+    low = f"{bounds['gt']} < " if "gt" in bounds else f"{bounds['ge']} <= " if "ge" in bounds else ""
+    high = f" < {bounds['lt']}" if "lt" in bounds else f" <= {bounds['le']}" if "le" in bounds else ""
+    if low and not high:  # "rank >= 1" reads better than "1 <= rank"
+        return f"{name} {'>' if 'gt' in bounds else '>='} {bounds.get('gt', bounds.get('ge'))}"
+    return f"{low}{name}{high}" if low or high else ""
+
+
 def _describe_error(err: dict[str, Any], cls: type[MethodConfig]) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(stage)"
+    loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         accepted = ", ".join(f for f in cls.model_fields if f != "method")
         return f"unknown setting {loc!r}; accepted: {accepted}"
-    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
+    if not loc:  # a check across settings: its message names them and the values
+        return err["msg"].removeprefix("Value error, ")
+    accepted = _accepted_range(cls, err["loc"]) if err["type"] in _BOUNDS else ""
+    return f"{loc}: {err['msg']} (got {err.get('input')!r})" + (f", accepted: {accepted}" if accepted else "")
 
 
 def build_stage(index: int, raw: Any) -> MethodConfig:
@@ -43,13 +70,13 @@ def build_stage(index: int, raw: Any) -> MethodConfig:
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: expected a mapping with a 'method' key, got {raw!r}")
     name = raw.get("method")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise RecipeError(
             f"{where}: unknown method {name!r}; available methods: {', '.join(sorted(METHODS))}"
         )
     cls = METHODS[name]
     try:
-        return cls(**raw)
+        return cls.model_validate(raw)  # not cls(**raw): YAML keys need not be strings
     except ValidationError as exc:
         problems = "; ".join(_describe_error(e, cls) for e in exc.errors())
         raise RecipeError(f"{where} ({name}): {problems}") from None
@@ -98,8 +125,10 @@ class Recipe(BaseModel):
             raise RecipeError(f"recipe file not found: {path}")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise RecipeError(f"{path}: not valid YAML ({str(exc)[:300]})") from None
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,13 +156,32 @@ def get(name: str) -> Recipe:
     """A built-in named recipe (``tensorpress recipes`` lists them)."""
     path = BUILTIN_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise RecipeError(f"unknown recipe {name!r}; built-in recipes: {', '.join(builtin_names())}")
+        close = difflib.get_close_matches(str(name), builtin_names(), n=3)
+        hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+        raise RecipeError(
+            f"unknown recipe {name!r}; {hint}built-in recipes: {', '.join(builtin_names())} (a recipe file is "
+            "given by its path, ending in .yaml or .yml)"
+        )
     return Recipe.from_yaml(path)
 
 
-def resolve(name_or_path: str | os.PathLike) -> Recipe:
-    """A recipe from a YAML path, or a built-in name."""
-    path = Path(name_or_path)
+RecipeLike = Recipe | str | os.PathLike | dict
+
+
+def resolve(recipe: RecipeLike) -> Recipe:
+    """The ``Recipe`` that ``recipe`` names: a ``Recipe`` as it is, a built-in name, a YAML path
+    (``str`` or ``os.PathLike``), or a dict with ``stages`` as a YAML file would hold it (so
+    recipes kept in other configs need no file). Anything else is a ``RecipeError``."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if not isinstance(recipe, (str, os.PathLike)):
+        raise RecipeError(
+            f"expected a recipe: a tp.Recipe, a built-in recipe name (e.g. 'rtn-w4g128'; tensorpress recipes "
+            f"lists them), a YAML path, or a dict with 'stages'; got {type(recipe).__name__}"
+        )
+    path = Path(recipe)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         return Recipe.from_yaml(path)
-    return get(str(name_or_path))
+    return get(str(recipe))

@@ -12,6 +12,8 @@ from tensorpress.data.sources import (
     TokenWindows,
     as_text_source,
     calibration_windows,
+    check_context,
+    context_length,
     evaluation_windows,
     hf_dataset,
     text_file,
@@ -33,9 +35,10 @@ def calibration(
     """
     if samples < 1 or seq_len < 2:
         raise CalibrationError(f"need samples >= 1 and seq_len >= 2, got samples={samples}, seq_len={seq_len}")
-    if source == "generated":
+    text = None if source == "generated" else as_text_source(source)  # a bad source is named first
+    check_context(lm.model, seq_len, "calibration")
+    if text is None:
         return generated_windows(lm, samples, seq_len, seed)
-    text = as_text_source(source)
     return calibration_windows(text.tokens(lm.tokenizer), samples, seq_len, seed, text.name)
 
 
@@ -44,6 +47,7 @@ def evaluation(
 ) -> TokenWindows:
     """Evaluation windows: consecutive, from the last 40 % of the text's tokens (P1)."""
     text = as_text_source(source)
+    check_context(lm.model, seq_len, "evaluation")
     return evaluation_windows(text.tokens(lm.tokenizer), seq_len, windows, text.name)
 
 
@@ -54,6 +58,8 @@ __all__ = [
     "TokenWindows",
     "calibration",
     "calibration_windows",
+    "check_context",
+    "context_length",
     "evaluation",
     "evaluation_windows",
     "hf_dataset",

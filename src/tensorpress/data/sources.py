@@ -120,6 +120,30 @@ def as_text_source(source: str | os.PathLike | TextSource) -> TextSource:
     return text_file(source)
 
 
+def context_length(model: Any) -> int | None:
+    """The most tokens ``model`` (a ``transformers`` model) reads at once: its (text) config's
+    ``max_position_embeddings``, which every supported family has (GPT-2's ``n_positions`` is
+    mapped to it); ``None`` when the config gives no limit."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_context(model: Any, seq_len: int, what: str) -> None:
+    """Refuse windows of ``seq_len`` tokens that ``model`` cannot read: beyond its context a
+    learned position table is indexed out of range (GPT-2, OPT, BERT) and rotary models run
+    outside what they were trained on; fewer than 2 tokens predict nothing."""
+    limit = context_length(model)
+    if seq_len < 2 or (limit is not None and seq_len > limit):
+        context = f"the model's context of {limit} tokens (config.max_position_embeddings)" if limit else "no model limit"
+        raise CalibrationError(
+            f"{what} seq_len={seq_len} does not fit {context}; accepted: 2 <= seq_len"
+            + (f" <= {limit}" if limit else "")
+        )
+
+
 def _split_point(n: int, fraction: float) -> int:
     return int(n * fraction)
 

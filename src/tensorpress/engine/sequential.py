@@ -23,13 +23,14 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.pytorch_utils import Conv1D
 
-from tensorpress.data import TokenWindows
+from tensorpress.data import TokenWindows, check_context
+from tensorpress.engine.checks import check_finite, check_patterns, check_stats_finite, check_weights_finite
 from tensorpress.engine.folding import can_fold_into, fold_scale
 from tensorpress.engine.linears import bias_of, in_features, is_linear, weight_of
 from tensorpress.engine.lockstep import BlockCall, lockstep_pass
 from tensorpress.engine.result import CompressionResult, LayerReport
 from tensorpress.engine.stats import StatsHooks
-from tensorpress.errors import CalibrationError, InvalidWeightError, RecipeError
+from tensorpress.errors import CalibrationError, RecipeError
 from tensorpress.methods import LayerInput, MethodConfig
 from tensorpress.methods.quant.mixed import allocate_bits, fisher_diagonals, width_costs
 from tensorpress.methods.structural import is_structural
@@ -38,7 +39,7 @@ from tensorpress.models import LoadedModel
 from tensorpress.parts import CompressedLinear
 from tensorpress.parts.linear import dense_weights_cached
 from tensorpress.progress import track
-from tensorpress.recipe import Recipe
+from tensorpress.recipe import Recipe, RecipeLike, resolve
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +105,6 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
-def _check_finite(name: str, weight: torch.Tensor) -> None:
-    bad = (~torch.isfinite(weight)).sum().item()
-    if bad:
-        raise InvalidWeightError(
-            f"{name}: the weight has {bad} NaN/Inf value(s) out of {weight.numel()}; "
-            "a weight must be finite to be compressed (is the checkpoint corrupt?)"
-        )
-
-
 def _stage_linears(lm: LoadedModel, block: nn.Module, block_name: str, stage: MethodConfig) -> list[str]:
     """Names (relative to the block) of the block's linears that ``stage`` selects (none in a
     linear bridge, which stays as fitted)."""
@@ -152,21 +144,6 @@ def _head_stages(head: tuple[str, nn.Module] | None, recipe: Recipe) -> list[Met
     return chosen
 
 
-def _validate_targets(lm: LoadedModel, model: nn.Module, recipe: Recipe, head: tuple[str, nn.Module] | None) -> None:
-    prefix = lm.adapter.blocks_path(model)
-    blocks = lm.adapter.blocks(model)
-    example = f"{prefix}.0.{lm.adapter.block_linears()[0]}"
-    for i, stage in enumerate(recipe.stages):
-        if head is not None and stage.selects(head[0]):
-            continue
-        if not any(_stage_linears(lm, b, f"{prefix}.{j}", stage) for j, b in enumerate(blocks)):
-            raise RecipeError(
-                f"stage {i + 1} ({stage.name}): targets {stage.targets} minus ignore "
-                f"{stage.ignore} match no linear of the model's blocks (names look like "
-                f"{example!r})"
-            )
-
-
 def _compress_head(
     model: nn.Module,
     head: tuple[str, nn.Module] | None,
@@ -192,14 +169,19 @@ def _compress_head(
 
 def compress(
     lm: LoadedModel,
-    recipe: Recipe,
+    recipe: RecipeLike,
     calib: TokenWindows | None = None,
     *,
     batch_size: int = 8,
     inplace: bool = False,
 ) -> CompressionResult:
-    """Compress ``lm`` with ``recipe``; the original is left untouched unless ``inplace``."""
+    """Compress ``lm`` with ``recipe`` (a ``Recipe``, a built-in name, a YAML path or a dict with
+    ``stages``: ``tp.recipes.resolve``); the original is left untouched unless ``inplace``."""
     start = time.perf_counter()
+    recipe = resolve(recipe)
+    if calib is not None:
+        check_context(lm.model, calib.seq_len, "calibration")
+    check_weights_finite(lm, lm.model, recipe.stages, _head(lm.model))  # before any pass, on the original
     model = lm.model if inplace else copy.deepcopy(lm.model)
     model.eval()
     full_recipe = recipe
@@ -222,7 +204,7 @@ def compress(
         structure.append({"method": stage.name, **done})
     recipe = recipe.model_copy(update={"stages": recipe.stages[leading:]})
     head = _head(model)
-    _validate_targets(lm, model, recipe, head)
+    check_patterns(lm, model, recipe.stages, head)
     head_stages = _head_stages(head, recipe)
     needs_calib = any(stage.needs for stage in recipe.stages)  # block statistics, not only allocation
     if needs_calib and calib is None:
@@ -264,6 +246,8 @@ def compress(
                 ) as hooks, dense_weights_cached(block):
                     run_block(block, calls)
                 stats = {r: s.as_dict() for r, s in hooks.stats.items()}
+                for rel, st in stats.items():
+                    check_stats_finite(f"{name}.{rel}", st)
             with _timed(timings, "methods_seconds"):
                 if stage.scales_inputs():
                     _scale_groups(lm, block, name, stage, rels, stats)
@@ -317,6 +301,7 @@ def _true_sequential(
     spent = timings.get("methods_seconds", 0.0)
 
     def compress_group(members: list[str], stats: dict[str, Any]) -> None:
+        check_stats_finite(", ".join(f"{block_name}.{rel}" for rel in members), stats)
         with _timed(timings, "methods_seconds"):
             _apply_shared(block, block_name, members, stage, stats, originals, layers)
 
@@ -349,7 +334,10 @@ def _whole_model_stats(
         }
         for batch in track(list(windows.split(batch_size)), label):
             model(input_ids=batch.to(_device_of(model)))
-    return {f"{prefix}.{i}.{rel}": st.as_dict() for i, h in hooks.items() for rel, st in h.stats.items()}
+    stats = {f"{prefix}.{i}.{rel}": st.as_dict() for i, h in hooks.items() for rel, st in h.stats.items()}
+    for name, st in stats.items():
+        check_stats_finite(name, st)
+    return stats
 
 
 def _fisher(lm: LoadedModel, model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, who: str) -> dict[str, torch.Tensor]:
@@ -491,7 +479,7 @@ def _layer_input(
     """The linear ``rel`` of ``block`` and what a method sees of it (its weight checked finite)."""
     module = block.get_submodule(rel)
     weight = weight_of(module)
-    _check_finite(full, weight)
+    check_finite(full, weight)
     current_parts = list(module.parts) if isinstance(module, CompressedLinear) else None
     return module, LayerInput(full, weight, originals.setdefault(rel, weight), current_parts, stats)
 

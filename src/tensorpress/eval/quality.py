@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tensorpress.data import TokenWindows
+from tensorpress.data import TokenWindows, check_context
 from tensorpress.progress import track
 
 
@@ -35,6 +35,12 @@ class EncoderQuality:
     tokens: int
 
 
+def _check_fits(seq_len: int, *models: nn.Module | None) -> None:
+    for model in models:
+        if model is not None:
+            check_context(model, seq_len, "evaluation")
+
+
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits.float()
 
@@ -50,6 +56,7 @@ def causal_quality(
     """``reference_cache``: a dict that keeps the reference's next-token log-probabilities
     (float32, ``tokens x vocab`` per batch: 40 x 512 tokens of a 49k vocabulary take 4 GB) so
     evaluating several models against one reference on the same windows runs it once."""
+    _check_fits(windows.seq_len, model, reference)
     nll = ref_nll = kl = agree = 0.0
     tokens = 0
     batches = windows.batches(batch_size)
@@ -89,6 +96,7 @@ def wrap_for_encoder(windows: TokenWindows, tokenizer) -> torch.Tensor:
 def encoder_quality(
     model: nn.Module, reference: nn.Module, input_ids: torch.Tensor, batch_size: int = 8
 ) -> EncoderQuality:
+    _check_fits(input_ids.shape[1], model, reference)
     cos_sum = mse_sum = 0.0
     n = 0
     device = next(model.parameters()).device

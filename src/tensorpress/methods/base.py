@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tensorpress.parts.base import Part
 
@@ -93,6 +93,27 @@ class MethodConfig(BaseModel):
         "false: every group's statistics from the uncompressed block, as the reference GPTQ/SparseGPT/"
         "Wanda code does (a statistics pass, then a pass to propagate)",
     )
+
+    @model_validator(mode="after")
+    def _regexes_compile(self) -> MethodConfig:
+        for setting, patterns in self.patterns().items():
+            for pattern in patterns:
+                if pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as exc:
+                        raise ValueError(f"{setting}: {pattern!r} is not a valid regular expression ({exc})") from None
+        return self
+
+    def patterns(self) -> dict[str, list[str]]:
+        """Every module-name pattern of these settings, by setting: ``targets``, ``ignore`` and
+        the keys of each ``*_overrides`` mapping (``bits_overrides``, ``rank_overrides``, ...)."""
+        out = {"targets": list(self.targets), "ignore": list(self.ignore)}
+        for setting in type(self).model_fields:
+            value = getattr(self, setting)
+            if setting.endswith("_overrides") and isinstance(value, dict):
+                out[setting] = list(value)
+        return out
 
     def selects(self, name: str) -> bool:
         return matches(name, self.targets) and not matches(name, self.ignore)

@@ -40,7 +40,7 @@ class LowRankSettings(MethodConfig):
 
 
 class _Truncation(LowRankSettings):
-    rank: int | None = Field(None, ge=0, description="fixed rank for every selected layer")
+    rank: int | None = Field(None, ge=1, description="fixed rank for every selected layer (>= 1)")
     keep: float | None = Field(None, gt=0, le=1, description="fraction of each layer's parameters kept by its factors (rank = keep * in*out/(in+out))")
     target_reduction: float | None = Field(
         None, gt=0, lt=1, description="fraction of the selected linears' parameters to remove in all; ranks allocated across layers"
@@ -56,7 +56,7 @@ class _Truncation(LowRankSettings):
         "increase (squared loss gradients on allocation_samples windows, causal models); relative = the "
         "layer's relative output error (every layer weighted alike)",
     )
-    rank_overrides: dict[str, Annotated[int, Field(ge=0)]] = Field(
+    rank_overrides: dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict, description="per-layer ranks {pattern: rank}, first match wins (filled by the allocation)"
     )
     allocation_samples: int = Field(16, ge=1, description="calibration windows used by the allocation")
@@ -82,7 +82,13 @@ class _Truncation(LowRankSettings):
         if self.rank is not None:
             return self.rank
         if self.keep is not None:
-            return int(self.keep * LowRankPart.break_even_rank(*shape))
+            even = LowRankPart.break_even_rank(*shape)
+            if self.keep * even < 1:  # rank 0 would zero the layer
+                raise RecipeError(
+                    f"{self.name}: keep={self.keep} leaves rank 0 for {name} ({shape[0]} x {shape[1]}: rank = "
+                    f"keep x {even:.1f}); accepted for this layer: {math.ceil(1000 / even) / 1000} <= keep <= 1"
+                )
+            return int(self.keep * even)
         raise RecipeError(f"{self.name}: no rank for {name} (target_reduction is resolved by the engine's allocation)")
 
     def apply(self, layer: LayerInput) -> list[Part]:
@@ -110,6 +116,7 @@ class _Truncation(LowRankSettings):
         budget = (1 - self.target_reduction) * total
         if self.allocation == "uniform":
             ranks = {layer.name: int((1 - self.target_reduction) * LowRankPart.break_even_rank(*layer.weight.shape)) for layer in layers}
+            _check_uniform_ranks(self, ranks, {layer.name: tuple(layer.weight.shape) for layer in layers})
         else:
             if self.sensitivity == "fisher":
                 errors = {layer.name: fisher_component_costs(layer.weight, layer.stats["fisher"], self.root(layer)) for layer in layers}
@@ -123,6 +130,21 @@ class _Truncation(LowRankSettings):
         dense = sum(1 for layer in layers if ranks[layer.name] >= LowRankPart.break_even_rank(*layer.weight.shape))
         log.info("%s: ranks for %.0f %% fewer parameters: %d layers low-rank, %d dense", self.name, 100 * self.target_reduction, len(layers) - dense, dense)
         return self.model_copy(update={"rank_overrides": overrides, "target_reduction": None})
+
+
+def _check_uniform_ranks(stage: _Truncation, ranks: dict[str, int], shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse a uniform ``target_reduction`` that leaves layers at rank 0, as ``keep`` would: the
+    same ratio everywhere removing the output of every layer of some shape. (The greedy
+    allocation may leave a layer at rank 0 by choice: its output is worth less than the ranks
+    spent elsewhere.)"""
+    zero = sorted(name for name, rank in ranks.items() if rank < 1)
+    if zero:
+        even = min(LowRankPart.break_even_rank(*shapes[name]) for name in zero)  # rank = (1 - t) x break-even
+        raise RecipeError(
+            f"{stage.name}: target_reduction={stage.target_reduction} with allocation 'uniform' leaves rank 0 for "
+            f"{len(zero)} of {len(ranks)} layers (e.g. {zero[0]}), removing their output; accepted: "
+            f"0 < target_reduction <= {math.floor(1000 * (1 - 1 / even)) / 1000}"
+        )
 
 
 def _greedy_ranks(errors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: float) -> dict[str, int]:

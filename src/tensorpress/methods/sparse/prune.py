@@ -31,9 +31,9 @@ _BLOCK = re.compile(r"^(.*\.\d+)\.")  # "model.layers.3.mlp.up_proj" -> "model.l
 
 
 class PruneSettings(MethodConfig):
-    sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of weights removed (unstructured)")
+    sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of weights removed (unstructured), 0 < sparsity < 1")
     pattern: str = Field("unstructured", description="'unstructured', or 'N:M' = N weights kept in every M consecutive inputs (2:4, 4:8)")
-    sparsity_overrides: dict[str, Annotated[float, Field(ge=0, lt=1)]] = Field(
+    sparsity_overrides: dict[str, Annotated[float, Field(gt=0, lt=1)]] = Field(
         default_factory=dict, description="per-layer sparsity {module-name pattern: sparsity}, first match wins (filled in by the allocation)"
     )
     allocation: Literal["uniform", "owl", "global"] = Field(
@@ -79,6 +79,13 @@ class PruneSettings(MethodConfig):
     def allocate(self, layers: list[LayerInput]) -> PruneSettings:
         if self.allocation == "owl":
             overrides = _owl(layers, self.sparsity, self.owl_lambda, self.owl_m)
+            spared = sorted(name for name, value in overrides.items() if value <= 0)
+            if spared:  # a block's sparsity may fall to sparsity - 2 x owl_lambda (clamped at 0: nothing pruned)
+                raise RecipeError(
+                    f"{self.name}: owl with sparsity={self.sparsity} and owl_lambda={self.owl_lambda} leaves "
+                    f"{len(spared)} layer(s) (e.g. {spared[0]}) at sparsity 0, nothing pruned; accepted: every "
+                    f"layer at 0 < sparsity < 1, which owl_lambda < sparsity / 2 = {self.sparsity / 2:g} ensures"
+                )
         else:
             overrides = _global_magnitude(layers, self.sparsity)
         return self.model_copy(update={"sparsity_overrides": overrides})

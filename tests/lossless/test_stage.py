@@ -23,14 +23,19 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
+def _coded_layers(model):
+    """Names of the linears whose codes are stored coded (a small layer whose codes would code
+    to more than their packed width keeps them packed)."""
+    return [n for n, m in model.named_modules() if isinstance(m, CompressedLinear) and m.parts[0].codes_coded]
+
+
 def test_coding_changes_no_output_and_lowers_bits():
     plain, coded = _compress("rtn-w4g128"), _compress("rtn-w4g128-coded")
     ids = torch.randint(3, 300, (2, 12))
     assert torch.equal(_logits(plain.model.model, ids), _logits(coded.model.model, ids))
     assert coded.bits_per_weight < plain.bits_per_weight
-    layer = next(m for m in coded.model.model.modules() if isinstance(m, CompressedLinear))
-    part = layer.parts[0]
-    assert part.codes_coded and "coded" in part.describe()
+    part = coded.model.model.get_submodule(_coded_layers(coded.model.model)[0]).parts[0]
+    assert "coded" in part.describe()
     scales_bits = part.scales.numel() * 16 + part.zeros.numel() * 4
     assert part.nbits() == len(part._coded_codes) * 8 + scales_bits  # header and table included
 
@@ -45,12 +50,12 @@ def test_coded_checkpoint_reloads_exactly_and_is_smaller(tmp_path):
     again = tp.load_compressed(tmp_path / "coded")
     ids = torch.randint(3, 300, (1, 9))
     assert torch.equal(_logits(again.model, ids), _logits(coded.model.model, ids))
-    part = next(m for m in again.model.modules() if isinstance(m, CompressedLinear)).parts[0]
-    assert part.codes_coded  # still counted coded after a reload
+    assert _coded_layers(again.model) == _coded_layers(coded.model.model)  # still counted coded after a reload
     # packing an already-coded checkpoint leaves the coded codes as bytes, and still round-trips
     manifest = pack(tmp_path / "coded", tmp_path / "packed")
-    codecs = {v["codec"] for k, v in manifest["files"]["parts.safetensors"]["tensors"].items() if k.endswith(".codes")}
-    assert not any(c.startswith("codes") for c in codecs)
+    coded_keys = {f"{name}.parts.0.codes" for name in _coded_layers(coded.model.model)}
+    codecs = {v["codec"] for k, v in manifest["files"]["parts.safetensors"]["tensors"].items() if k in coded_keys}
+    assert codecs and not any(c.startswith("codes") for c in codecs)
     assert torch.equal(_logits(tp.load_compressed(tmp_path / "packed").model, ids), _logits(coded.model.model, ids))
 
 
@@ -62,7 +67,7 @@ def test_corrupt_coded_codes_are_an_error_naming_the_layer(tmp_path):
     coded = _compress("rtn-w4g128-coded")
     coded.save(tmp_path / "c")
     parts = load_file(tmp_path / "c" / "parts.safetensors")
-    key = next(k for k in parts if k.endswith(".codes"))
+    key = f"{_coded_layers(coded.model.model)[0]}.parts.0.codes"
     parts[key][-3] ^= 0x40
     save_file(parts, tmp_path / "c" / "parts.safetensors")
     import json

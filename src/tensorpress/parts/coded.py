@@ -3,7 +3,8 @@
 By default codes are stored bit-packed at their nominal width. After ``entropy_code()`` (the
 ``lossless`` recipe stage calls it) they are stored rANS-coded with a per-tensor frequency table
 (``tensorpress.lossless``), and ``nbits`` counts the coded size, header and table included:
-the storage a checkpoint really takes. In memory the codes stay unpacked either way.
+the storage a checkpoint really takes. Codes that would code to more than their packed size
+stay packed, so coding never raises a part's storage. In memory the codes stay unpacked either way.
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ class CodesStorage:
     _coded_codes: bytes | None = None
 
     def entropy_code(self) -> None:
-        """Store the codes entropy-coded from now on (idempotent)."""
+        """Store the codes entropy-coded from now on, where that is smaller than packing them at
+        ``bits`` bits (idempotent). The coder sees uint8 values, so for a small tensor of
+        near-uniform codes its header, table and sub-byte excess over the entropy can outweigh
+        the saving against the packed width: those codes stay packed."""
         from tensorpress.lossless import encode
 
         if self._coded_codes is None:
-            self._coded_codes = encode(self.codes)
+            blob = encode(self.codes)
+            if len(blob) * 8 < self.codes.numel() * self.bits:
+                self._coded_codes = blob
 
     @property
     def codes_coded(self) -> bool:

@@ -47,7 +47,7 @@ class CodebookMeta(ShapedMeta, CodedMeta):
 
 class LowRankMeta(ShapedMeta):
     factor_bits: Literal[8, 16, 32]
-    rank: Positive
+    rank: Annotated[int, Field(ge=0)]  # 0: a layer the budget allocation emptied on purpose
 
     @model_validator(mode="after")
     def _rank_fits(self) -> LowRankMeta:

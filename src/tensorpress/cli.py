@@ -7,7 +7,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import click
 import torch
@@ -270,19 +270,45 @@ def unpack(
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="a tensorpress checkpoint (or packed) directory")],
-    output: Annotated[Path, typer.Argument(help="Hugging Face model directory to write")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
+    source: Annotated[str, typer.Argument(help="a tensorpress checkpoint (or packed) directory, or any model spec")],
+    output: Annotated[Path, typer.Argument(help="hf: the model directory to write; gguf: the .gguf file")],
+    fmt: Annotated[Literal["hf", "gguf"], typer.Option(
+        "--format", help="hf: a transformers directory (dequantized); gguf: a llama.cpp file")] = "hf",
+    dtype: Annotated[Optional[Literal["f16", "bf16", "f32"]], typer.Option(
+        "--dtype", help="gguf: type of the uncompressed weights (default f16)")] = None,
+    requantize: Annotated[bool, typer.Option("--requantize", help="gguf: write layers without an exact ggml type of "
+                                             "their own in a wider exact one, else re-quantized to Q8_0")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output")] = False,
 ) -> None:
-    """Write a checkpoint as a plain Hugging Face model directory (compressed linears dequantized;
-    structurally pruned models as they are, smaller).
+    """Write a checkpoint or model as a plain Hugging Face model directory (compressed linears
+    dequantized; structurally pruned models as they are, smaller), or as a GGUF file for
+    llama.cpp whose quantized tensors hold exactly the codes and scales tensorpress chose.
 
     Example: tensorpress export out/drop4 out/drop4-hf
+    Example: tensorpress export out/w4 out/w4.gguf --format gguf
     """
-    from tensorpress.io import export_hf
+    from tensorpress.lossless.pack import is_packed
 
-    export_hf(tp.load_compressed(checkpoint), output, overwrite=overwrite)
-    out.print(f"wrote {output} (load it with transformers' from_pretrained)")
+    if fmt == "hf" and (dtype is not None or requantize):
+        raise tp.errors.ExportError("--dtype and --requantize apply to --format gguf only")
+    path = Path(source)
+    packed = path.is_dir() and is_packed(path)
+    lm = tp.load_compressed(path) if packed else _load_any(source)
+    if fmt == "hf":
+        from tensorpress.io import export_hf
+
+        export_hf(lm, output, overwrite=overwrite)
+        out.print(f"wrote {output} (load it with transformers' from_pretrained)")
+        return
+    from collections import Counter
+
+    from tensorpress.io.gguf import export_gguf
+    from tensorpress.io.headers import gguf_header
+
+    export_gguf(lm, output, dtype=dtype or "f16", overwrite=overwrite, requantize=requantize)
+    types = Counter(kind for kind, _ in gguf_header(output)["tensors"].values())
+    listed = ", ".join(f"{n} {kind}" for kind, n in sorted(types.items()))
+    out.print(f"wrote {output}: {output.stat().st_size / 1e6:.2f} MB, tensors {listed} (load it with llama.cpp)")
 
 
 @app.command()

@@ -1,0 +1,137 @@
+"""A model's tokenizer as GGUF metadata, the way llama.cpp's converter writes a byte-level BPE
+vocabulary (``tokenizer.ggml.model = "gpt2"``).
+
+The token list is built here from the ``transformers`` tokenizer (every id below the embedding's
+row count, holes as ``[PAD<id>]``, types NORMAL / CONTROL / USER_DEFINED / UNUSED); the merges,
+special token ids and chat template come from ``gguf.SpecialVocab``, which reads them from the
+files ``save_pretrained`` writes. ``gguf.BpeVocab`` is not used: it types every added token
+CONTROL and stops at the tokenizer's own size.
+
+``tokenizer.ggml.pre`` names the pre-tokenizer for llama.cpp, which then splits text with its
+own built-in rules of that name. It is derived from the structure of ``tokenizer.json``'s
+``pre_tokenizer`` (not from a hash of sample output, as the converter does); a structure not in
+:data:`PRE_TOKENIZERS` is an ``ExportError``, because a wrong name tokenizes silently wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from tensorpress.errors import ExportError
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# pre-tokenizer steps (see _steps) -> the llama.cpp pre-tokenizer that splits text the same way
+PRE_TOKENIZERS: dict[tuple[tuple[str, Any], ...], str] = {
+    (("bytelevel", True),): "gpt-2",
+    (("digits", True), ("bytelevel", True)): "smollm",  # SmolLM, StarCoder: digits one by one
+    (("split", _LLAMA3_SPLIT), ("bytelevel", False)): "llama-bpe",
+    (("split", _QWEN2_SPLIT), ("bytelevel", False)): "qwen2",
+}
+
+
+def _steps(pre: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """A ``tokenizer.json`` pre-tokenizer as a tuple of comparable steps."""
+    if pre is None:
+        return ()
+    kind = pre.get("type")
+    if kind == "Sequence":
+        return tuple(step for inner in pre.get("pretokenizers", []) for step in _steps(inner))
+    if kind == "ByteLevel" and not pre.get("add_prefix_space", False):
+        return (("bytelevel", bool(pre.get("use_regex", True))),)
+    if kind == "Digits":
+        return (("digits", bool(pre.get("individual_digits", False))),)
+    if kind == "Split" and pre.get("behavior") == "Isolated" and not pre.get("invert", False):
+        return (("split", (pre.get("pattern") or {}).get("Regex")),)
+    return ((str(kind), json.dumps(pre, sort_keys=True)),)
+
+
+def pre_tokenizer_name(spec: dict[str, Any]) -> str:
+    """``tokenizer.ggml.pre`` for a tokenizer whose ``tokenizer.json`` is ``spec``."""
+    steps = _steps(spec.get("pre_tokenizer"))
+    if steps not in PRE_TOKENIZERS:
+        raise ExportError(f"the tokenizer's pre-tokenizer {[s[0] for s in steps]} is none that tensorpress can name "
+                          f"for llama.cpp (recognised: {sorted(PRE_TOKENIZERS.values())}); llama.cpp would split "
+                          "text differently from the model's tokenizer")
+    return PRE_TOKENIZERS[steps]
+
+
+def _byte_level_spec(tokenizer: Any) -> dict[str, Any]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"GGUF export needs a fast (tokenizers) tokenizer; got {type(tokenizer).__name__}")
+    spec = json.loads(backend.to_str())
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+        raise ExportError("GGUF export writes byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen2, SmolLM); "
+                          f"this one is {model.get('type')} with a {decoder.get('type')} decoder "
+                          "(SentencePiece-style vocabularies are not exported yet)")
+    return spec
+
+
+def _looks_special(token: str) -> bool:
+    # added tokens some models forget to flag special; llama.cpp must treat them as control tokens
+    return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
+
+
+def token_list(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int]]:
+    """Tokens in id order for an embedding of ``n_vocab`` rows, and their GGUF token types."""
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= n_vocab:
+        raise ExportError(f"the tokenizer has ids up to {max(vocab.values())}, the embedding only {n_vocab} rows")
+    by_id = {i: token for token, i in vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_vocab):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(token)
+        if token not in added:
+            types.append(gguf.TokenType.NORMAL)
+        elif decoder[i].special or _looks_special(token):
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            types.append(gguf.TokenType.USER_DEFINED)
+    return tokens, types
+
+
+def _added_specials(tokenizer: Any) -> dict[str, bool]:
+    """Whether encoding adds BOS / EOS, from what the tokenizer does (written explicitly: where
+    the key is absent, llama.cpp picks a default per vocabulary type)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    extra = len(full) > len(plain)
+    return {"bos": extra and full[0] == tokenizer.bos_token_id, "eos": extra and full[-1] == tokenizer.eos_token_id}
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, config: Any, n_vocab: int) -> str:
+    """Write ``tokenizer`` (with ``config``'s special token ids as a fallback) to ``writer``;
+    returns the pre-tokenizer name written."""
+    spec = _byte_level_spec(tokenizer)
+    pre = pre_tokenizer_name(spec)
+    tokens, types = token_list(tokenizer, n_vocab)
+    with tempfile.TemporaryDirectory(prefix="tensorpress-vocab-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        config.to_json_file(Path(tmp) / "config.json")
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=n_vocab)
+    if not special.merges:
+        raise ExportError("the BPE tokenizer has no merges; llama.cpp could not tokenize with it")
+    special.add_special_token.update(_added_specials(tokenizer))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special.add_to_gguf(writer, quiet=True)
+    return pre

@@ -96,7 +96,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def float_items(model: str, dtype: torch.dtype) -> list[torch.Tensor]:
     from safetensors import safe_open
 
-    from tensorpress.lossless.pack import resolve_source
+    from tensorpress.io.pack import resolve_source
 
     folder = resolve_source(model)
     items = []

@@ -166,7 +166,7 @@ def inspect(
 
     Example: tensorpress inspect out/w4
     """
-    from tensorpress.lossless.pack import is_packed, read_pack_manifest
+    from tensorpress.io.pack import is_packed, read_pack_manifest
     from tensorpress.report import layers_table
 
     if verify_files:
@@ -199,7 +199,7 @@ def inspect(
 
 
 def _inspect_packed(path: Path, manifest: dict, per_tensor: bool) -> None:
-    from tensorpress.lossless.pack import summary
+    from tensorpress.io.pack import summary
     from tensorpress.report import packed_table
 
     out.print(f"[bold]{path}[/]  lossless pack of {manifest['source']} (format v{manifest['format_version']}, "
@@ -246,7 +246,7 @@ def pack(
 
     Example: tensorpress pack minilm-l6 out/minilm-packed
     """
-    from tensorpress.lossless.pack import pack as pack_dir
+    from tensorpress.io.pack import pack as pack_dir
 
     manifest = pack_dir(source, output, overwrite=overwrite)
     _inspect_packed(output, manifest, per_tensor=False)
@@ -259,7 +259,7 @@ def unpack(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
 ) -> None:
     """Decode a packed directory back to its original files (every tensor checked by sha256)."""
-    from tensorpress.lossless.pack import unpack as unpack_dir
+    from tensorpress.io.pack import unpack as unpack_dir
 
     identical = unpack_dir(packed, output, overwrite=overwrite)
     for name, same in identical.items():
@@ -287,7 +287,7 @@ def export(
     Example: tensorpress export out/drop4 out/drop4-hf
     Example: tensorpress export out/w4 out/w4.gguf --format gguf
     """
-    from tensorpress.lossless.pack import is_packed
+    from tensorpress.io.pack import is_packed
 
     if fmt == "hf" and (dtype is not None or requantize):
         raise tp.errors.ExportError("--dtype and --requantize apply to --format gguf only")

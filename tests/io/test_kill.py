@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import tensorpress as tp
-from tensorpress.lossless.pack import pack
+from tensorpress.io.pack import pack
 
 op, source, target = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 if op == "pack":

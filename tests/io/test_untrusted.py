@@ -20,7 +20,7 @@ from tensorpress import cli
 from tensorpress.errors import CheckpointError
 from tensorpress.io.files import confined
 from tensorpress.io.headers import gguf_header, safetensors_header
-from tensorpress.lossless.pack import PACK_MANIFEST, pack, unpack
+from tensorpress.io.pack import PACK_MANIFEST, pack, unpack
 
 runner = CliRunner()
 

@@ -18,7 +18,7 @@ from tensorpress.errors import (
     ModelNotFoundError,
     OutputExistsError,
 )
-from tensorpress.lossless.pack import PACK_MANIFEST, pack, read_tensors, summary, unpack
+from tensorpress.io.pack import PACK_MANIFEST, pack, read_tensors, summary, unpack
 
 runner = CliRunner()
 

@@ -8,7 +8,7 @@ import torch
 import tensorpress as tp
 from conftest import tiny_model
 from tensorpress.errors import CheckpointError, RecipeError
-from tensorpress.lossless.pack import pack
+from tensorpress.io.pack import pack
 from tensorpress.parts import CodebookPart, CompressedLinear, QuantizedPart
 from tensorpress.parts.quant_math import compute_grid, quantize_with_grid
 

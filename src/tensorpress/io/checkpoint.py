@@ -207,8 +207,8 @@ def verify(path: str | os.PathLike) -> dict[str, str | None]:
     """Check every file of a checkpoint or packed directory against its manifest (sizes and
     sha256; in a packed directory every tensor decoded and checked too): file name -> ``None``
     when it matches, else the problem. A manifest that is itself invalid raises ``CheckpointError``."""
-    from tensorpress.lossless.pack import file_problems as packed_problems
-    from tensorpress.lossless.pack import is_packed, read_pack_manifest
+    from tensorpress.io.pack import file_problems as packed_problems
+    from tensorpress.io.pack import is_packed, read_pack_manifest
 
     path = Path(path)
     if is_packed(path):
@@ -238,7 +238,7 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def _packed_tensor_source(path: Path):
     """For a losslessly packed checkpoint: its manifest and a reader of its weight files."""
-    from tensorpress.lossless.pack import (
+    from tensorpress.io.pack import (
         read_pack_manifest,
         read_tensors,
         verify_copied_files,
@@ -335,7 +335,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     decoded in memory, a packed Hugging Face directory through a temporary unpacked copy."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from tensorpress.lossless.pack import is_packed
+    from tensorpress.io.pack import is_packed
 
     path = Path(path)
     if is_packed(path):
@@ -395,7 +395,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
 
 def _load_packed_model_dir(path: Path) -> LoadedModel:
     """A packed Hugging Face directory: unpack to a temporary directory and load from there."""
-    from tensorpress.lossless.pack import unpack
+    from tensorpress.io.pack import unpack
     from tensorpress.models import load_model
 
     with tempfile.TemporaryDirectory(prefix="tensorpress-unpacked-") as tmp:

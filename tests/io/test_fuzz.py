@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 import tensorpress as tp
 from tensorpress.errors import TensorpressError
 from tensorpress.io.headers import gguf_header, safetensors_header
-from tensorpress.lossless.pack import PACK_MANIFEST, pack, unpack
+from tensorpress.io.pack import PACK_MANIFEST, pack, unpack
 
 FUZZ_CASES = int(os.environ.get("TENSORPRESS_FUZZ_CASES", "2000"))
 FUZZ = settings(max_examples=FUZZ_CASES, deadline=1000, derandomize=True, database=None,
@@ -181,7 +181,9 @@ def test_fuzz_checkpoint_manifest(fuzz_root, tmp_path):
         if lm is not None:  # loaded: it must be the model that was saved
             loads.append(1)
             if next(lm.model.parameters()).dtype == torch.float32:
-                assert torch.equal(_logits(lm, IDS), reference)
+                # equal up to float32 summation order: an equivalent setting (group_size 65 for a
+                # 64-wide layer) may route a layer through the dense path instead of the packed kernel
+                torch.testing.assert_close(_logits(lm, IDS), reference, rtol=1e-5, atol=1e-6)
         assert _tree(tmp_path) == before and not os.path.exists(ABSOLUTE)
 
     case()

@@ -19,7 +19,7 @@ import torch
 from tensorpress.parts.base import Part, dtype_bits, register_part
 from tensorpress.parts.coded import CodesStorage
 from tensorpress.parts.meta import CodebookMeta
-from tensorpress.parts.quant_math import effective_group, expand_groups
+from tensorpress.parts.quant_math import effective_group, expand_groups, num_groups
 
 # The 16 levels of NF4 (Dettmers et al., QLoRA): quantiles of a standard normal, rescaled to
 # [-1, 1], with an exact zero.
@@ -89,7 +89,13 @@ class CodebookPart(CodesStorage, Part):
         codebook = tensors["codebook"]
         bits = codebook.shape[1].bit_length() - 1
         codes, coded = cls.codes_from_state(tensors["codes"], meta, bits, (out_f, in_f))
-        part = cls(codes, codebook, tensors.get("scales"), meta["group_size"])
+        scales = tensors.get("scales")
+        groups = (out_f, num_groups(in_f, meta["group_size"]))
+        if scales is not None and (tuple(scales.shape) != groups or scales.dtype != torch.float16):
+            raise ValueError(f"scales are {scales.dtype} {tuple(scales.shape)}, groups of {meta['group_size']} need float16 {groups}")
+        if codebook.shape[0] not in (1, out_f) or codebook.shape[1] != 1 << bits:
+            raise ValueError(f"a codebook of shape {tuple(codebook.shape)} fits no {out_f}-row weight of {bits}-bit codes")
+        part = cls(codes, codebook, scales, meta["group_size"])
         part._coded_codes = coded
         return part
 

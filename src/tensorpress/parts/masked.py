@@ -180,6 +180,7 @@ class MaskedPart(Part):
         scales = tensors["scales"]
         zeros = unpack_bits(tensors["zeros"], bits, scales.numel()).reshape(scales.shape) if "zeros" in tensors else None
         grid = QuantGrid(scales, zeros, bits, meta["group_size"], bool(meta["symmetric"]))
+        grid.check((out_f, in_f))
         return cls(mask, pattern=pattern, codes=codes, grid=grid)
 
     def describe(self) -> str:

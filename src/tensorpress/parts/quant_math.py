@@ -47,6 +47,20 @@ class QuantGrid:
         zeros = None if self.zeros is None else self.zeros[rows].contiguous()
         return QuantGrid(self.scales[rows].contiguous(), zeros, self.bits, self.group_size, self.symmetric)
 
+    def check(self, shape: tuple[int, int]) -> None:
+        """Raise ``ValueError`` unless the grid fits a weight of ``shape``: one float16 scale (and
+        zero point, asymmetric only) per row and group, zero points within ``bits`` (a checkpoint
+        whose settings and tensors disagree must not load as some other matrix)."""
+        expected = (shape[0], num_groups(shape[1], self.group_size))
+        if tuple(self.scales.shape) != expected or self.scales.dtype != torch.float16:
+            raise ValueError(f"scales are {self.scales.dtype} {tuple(self.scales.shape)}, a {shape} weight in groups of "
+                             f"{self.group_size} needs float16 {expected}")
+        if self.symmetric != (self.zeros is None):
+            raise ValueError(f"a {'symmetric' if self.symmetric else 'asymmetric'} grid "
+                             f"{'has' if self.zeros is not None else 'lacks'} zero points")
+        if self.zeros is not None and (tuple(self.zeros.shape) != expected or int(self.zeros.max()) > self.maxq):
+            raise ValueError(f"zero points {tuple(self.zeros.shape)} do not fit {expected} at {self.bits} bits")
+
     def zero_points(self) -> torch.Tensor:
         """Zero points as float32 ``(out, G)`` (the implicit one for symmetric grids)."""
         if self.zeros is None:

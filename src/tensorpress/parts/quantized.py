@@ -87,6 +87,7 @@ class QuantizedPart(CodesStorage, Part):
         if "zeros" in tensors:
             zeros = unpack_bits(tensors["zeros"], bits, scales.numel()).reshape(scales.shape)
         grid = QuantGrid(scales, zeros, bits, meta["group_size"], bool(meta["symmetric"]))
+        grid.check((out_f, in_f))
         part = cls(codes, grid)
         part._coded_codes = coded
         return part

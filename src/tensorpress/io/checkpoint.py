@@ -267,10 +267,20 @@ def _build_model(path: Path, manifest: dict[str, Any], config: Any, adapter: Any
     """The model the manifest describes, after checking on the meta device (no memory) that
     its tensors are the ones the files hold: a config that asks for more or other weights than
     the files carry is refused before anything is allocated."""
+    from math import prod
+
+    from tensorpress.models.loading import weights_beyond
+
     cls = _model_class(manifest["model_class"])
+    compressed = manifest["layers"]
+    held = sum(prod(s) for s in dense_shapes.values()) + sum(prod(e["shape"]) for e in compressed.values())
+    with untrusted(f"{path}: config.json"):
+        wanted = weights_beyond(cls, config, held)
+    if wanted is not None and not manifest.get("bridges"):
+        raise CheckpointError(f"{path}: {DENSE_FILE} does not hold the tensors the config describes "
+                              f"(it asks for {wanted:,} weights; the files hold {held:,})")
     with untrusted(f"{path}: config.json"), torch.device("meta"):
         skeleton = cls(config)
-    compressed = manifest["layers"]
     for name, entry in compressed.items():
         try:
             module = skeleton.get_submodule(name)

@@ -169,17 +169,45 @@ def _load_gguf(path: Path, dtype: torch.dtype, spec: str) -> LoadedModel:
     return LoadedModel(model, tokenizer, adapter, spec, {"source": "gguf", "path": str(path)})
 
 
+def weights_beyond(build: Any, config: Any, held: int) -> int | None:
+    """The number of weights a model ``build(config)`` would hold, when more than ``held``;
+    else None. Counted on the meta device (nothing allocated). A config with many blocks is first
+    estimated from copies with one and two blocks (the count is linear in the block count), so
+    that a config asking for 100,000 blocks is refused without constructing them."""
+    import copy
+
+    def count(cfg: Any) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in build(cfg).parameters())
+
+    blocks = getattr(config, "num_hidden_layers", None)
+    if isinstance(blocks, int) and blocks > 2:
+        try:
+            small = []
+            for n in (1, 2):
+                cfg = copy.deepcopy(config)
+                cfg.num_hidden_layers = n
+                small.append(count(cfg))
+        except Exception:  # noqa: BLE001 - a config whose other settings depend on the block count
+            small = None
+        if small is not None:
+            estimate = small[0] + (blocks - 1) * (small[1] - small[0])
+            if estimate > held:
+                return estimate
+    wanted = count(config)
+    return wanted if wanted > held else None
+
+
 def _check_config_fits_weights(path: Path, config: Any, adapter: Adapter, headers: list[dict[str, Any]]) -> None:
     """A config that asks for more weights than the safetensors files hold would make
     ``transformers`` allocate (and randomly initialise) the difference: refuse it before
-    anything is allocated, by building the model on the meta device and counting."""
+    anything is allocated, by counting on the meta device."""
     from math import prod
 
-    with _untrusted_files(f"{path}/config.json"), torch.device("meta"):
-        skeleton = _model_class(adapter).from_config(config)
-    wanted = sum(p.numel() for p in skeleton.parameters())
     held = sum(prod(t["shape"]) for h in headers for name, t in h.items() if name != "__metadata__")
-    if wanted > held:
+    with _untrusted_files(f"{path}/config.json"):
+        wanted = weights_beyond(_model_class(adapter).from_config, config, held)
+    if wanted is not None:
         from tensorpress.errors import CheckpointError
 
         raise CheckpointError(f"{path}: config.json describes a model of {wanted:,} weights, but its safetensors "

@@ -140,9 +140,20 @@ def subjects(text_path):
     return get
 
 
+# llama.cpp's bits per weight of the block formats (ggml-common.h: bytes * 8 / weights per block)
+# and its fallback for rows that are not a multiple of 256
+_FORMAT_BPW = {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5, "iq4_nl": 4.5,
+               "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
+_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
 def grid_bits(stage, shape: tuple[int, int]) -> int:
-    """Storage of a uniform quantization grid: codes, a float16 scale per group, zeros if asymmetric."""
+    """Storage of a uniform quantization grid: codes, a float16 scale per group, zeros if
+    asymmetric; for a llama.cpp format, its bits per weight (its fallback's off the 256 grid)."""
     out_f, in_f = shape
+    if getattr(stage, "format", None) is not None:
+        fmt = stage.format if in_f % 256 == 0 or stage.format not in _FALLBACK else _FALLBACK[stage.format]
+        return round(out_f * in_f * _FORMAT_BPW[fmt])
     groups = 1 if stage.group_size is None else math.ceil(in_f / stage.group_size)
     return out_f * in_f * stage.bits + out_f * groups * (16 + (0 if stage.symmetric else stage.bits))
 

@@ -325,3 +325,61 @@ def test_pre_tokenizer_names_from_tokenizer_structure():
         name(pre_tokenizers.ByteLevel(add_prefix_space=True))  # a leading space llama.cpp would not add
     with pytest.raises(ExportError, match="Whitespace"):
         name(pre_tokenizers.Whitespace())
+
+
+# --- block formats (quantizers run with ``format:``): llama.cpp's own types, K-quants included ---
+
+ALL_FORMATS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+
+
+@pytest.fixture(scope="module")
+def wide_llama():
+    """Rows of 256 and 512 weights: every linear splits into the K formats' 256-weight blocks."""
+    import transformers as T
+
+    from conftest import make_tokenizer
+    from tensorpress.models import LoadedModel, adapter_for
+
+    config = T.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, vocab_size=320)
+    torch.manual_seed(0)
+    return LoadedModel(T.AutoModelForCausalLM.from_config(config).eval(), make_tokenizer(), adapter_for("llama"), "wide")
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_every_block_format_is_written_as_its_own_type_exactly(tmp_path, wide_llama, fmt):
+    lm = compressed(wide_llama, {"method": "rtn", "format": fmt, "mse": fmt.endswith("_k")})
+    types = check_file(export_gguf(lm, tmp_path / "m.gguf"), lm, "f16")
+    linears = {t for name, t in types.items() if name.startswith("blk.") and "norm" not in name}
+    assert linears == {fmt.upper()}
+    reader, _ = read(tmp_path / "m.gguf")
+    expected_label = {"q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S"}.get(fmt, f"MOSTLY_{fmt.upper()}")
+    assert _field(reader, "general.file_type") == gguf.LlamaFileType[expected_label]
+
+
+def test_gptq_k_quant_mix_exports_exactly(tmp_path, wide_llama, text_path):
+    """GPTQ on the two-level grid, with llama.cpp's q4_k_m choice of q6_k for v_proj and down_proj."""
+    calib = tp.data.calibration(wide_llama, text_path, samples=4, seq_len=32)
+    stage = {"method": "gptq", "format": "q4_k", "format_overrides": {"v_proj": "q6_k", "down_proj": "q6_k"}}
+    lm = tp.compress(wide_llama, tp.Recipe(stages=[stage]), calib).model
+    types = check_file(export_gguf(lm, tmp_path / "m.gguf"), lm, "f16")
+    assert {t for n, t in types.items() if n.endswith(("attn_v.weight", "ffn_down.weight"))} == {"Q6_K"}
+    assert {t for n, t in types.items() if n.endswith(("attn_q.weight", "attn_k.weight", "ffn_up.weight"))} == {"Q4_K"}
+
+
+def test_rows_off_the_256_grid_take_llama_cpps_fallback_type(tmp_path, models):
+    lm = compressed(models["llama"], {"method": "rtn", "format": "q4_k"})  # rows of 64 and 160
+    types = check_file(export_gguf(lm, tmp_path / "m.gguf"), lm, "f16")
+    assert {t for name, t in types.items() if name.startswith("blk.") and "norm" not in name} == {"Q5_0"}
+
+
+@pytest.mark.parametrize("fmt,field", [("q4_k", "_k_scales"), ("q3_k", "_q3_scales"), ("q6_k", "_halves")])
+def test_the_check_catches_a_wrong_k_layout(tmp_path, wide_llama, monkeypatch, fmt, field):
+    lm = compressed(wide_llama, {"method": "rtn", "format": fmt})
+    right = getattr(gguf_blocks, field)
+    monkeypatch.setattr(gguf_blocks, field, lambda *a: right(*a)[:, ::-1].copy())  # bytes in reverse order
+    with pytest.raises(ExportError, match="does not decode to the layer's weights bit for bit"):
+        export_gguf(lm, tmp_path / "m.gguf")
+    monkeypatch.setattr("tensorpress.io.gguf_layers.bit_equal", lambda a, b: True)
+    with pytest.raises(AssertionError, match="differs from the model's weight"):
+        check_file(export_gguf(lm, tmp_path / "m.gguf"), lm, "f16")

@@ -43,7 +43,6 @@ from torch import nn
 
 from tensorpress.errors import ExportError, OutputExistsError
 from tensorpress.io.files import _fsync_dir, current_umask
-from tensorpress.io.gguf_blocks import Q4_0, Q4_1, Q8_0
 from tensorpress.io.gguf_layers import (
     BF16,
     F16,
@@ -60,8 +59,14 @@ from tensorpress.parts import CompressedLinear
 log = logging.getLogger(__name__)
 
 DTYPES = {"f32": F32, "f16": F16, "bf16": BF16}
+_Q = GGMLQuantizationType
+# general.file_type (a label: llama.cpp reads each tensor's own type) by the type holding the most
+# weights; a K type without its mix is labelled by the llama.cpp file type that uses it throughout
 _FILE_TYPES = {F32: LlamaFileType.ALL_F32, F16: LlamaFileType.MOSTLY_F16, BF16: LlamaFileType.MOSTLY_BF16,
-               Q4_0: LlamaFileType.MOSTLY_Q4_0, Q4_1: LlamaFileType.MOSTLY_Q4_1, Q8_0: LlamaFileType.MOSTLY_Q8_0}
+               _Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, _Q.Q4_1: LlamaFileType.MOSTLY_Q4_1, _Q.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+               _Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, _Q.Q5_1: LlamaFileType.MOSTLY_Q5_1, _Q.IQ4_NL: LlamaFileType.MOSTLY_IQ4_NL,
+               _Q.Q2_K: LlamaFileType.MOSTLY_Q2_K, _Q.Q3_K: LlamaFileType.MOSTLY_Q3_K_S, _Q.Q4_K: LlamaFileType.MOSTLY_Q4_K_S,
+               _Q.Q5_K: LlamaFileType.MOSTLY_Q5_K_S, _Q.Q6_K: LlamaFileType.MOSTLY_Q6_K}
 T = gguf.MODEL_TENSOR
 
 
@@ -228,7 +233,7 @@ def _file_type(tensors: list[_Tensor], dtype: GGMLQuantizationType) -> LlamaFile
     """``general.file_type``: the block type holding the most weights, else ``dtype``."""
     blocks: Counter = Counter()
     for t in tensors:
-        if t.qtype in (Q4_0, Q4_1, Q8_0):
+        if t.qtype in _FILE_TYPES and t.qtype not in (F32, F16, BF16):
             blocks[t.qtype] += t.numel
     return _FILE_TYPES[blocks.most_common(1)[0][0] if blocks else dtype]
 

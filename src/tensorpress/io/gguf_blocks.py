@@ -132,3 +132,92 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal float32 tensors bit for bit (so ``-0.0`` differs from ``0.0``)."""
     a, b = a.float().contiguous(), b.float().contiguous()
     return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+# --- block formats (``parts.block_math``): every llama.cpp type a ``BlockPart`` can hold -----
+#
+# Byte layouts per block, as ``gguf/quants.py`` reads them (element e of a 256-weight block;
+# "2-bit fields of 4 quarters" = e // 128 picks a 32-byte half... spelled out per type below).
+
+
+def _f16(t: torch.Tensor) -> np.ndarray:
+    """float16 ``(N,)`` -> ``(N, 2)`` bytes."""
+    return t.reshape(-1).contiguous().numpy().view(np.uint8).reshape(-1, 2)
+
+
+def _fields(v: np.ndarray, groups: int, width: int, per: int) -> np.ndarray:
+    """``(N, groups * per)`` values of ``width`` bits -> ``(N, per)`` bytes: value ``k * per + j``
+    in bits ``k * width ..`` of byte ``j`` (how ggml interleaves nibbles, 2-bit and 1-bit fields)."""
+    v = v.reshape(v.shape[0], groups, per).astype(np.uint8)
+    out = np.zeros((v.shape[0], per), dtype=np.uint8)
+    for k in range(groups):
+        out |= v[:, k] << np.uint8(k * width)
+    return out
+
+
+def _halves(v: np.ndarray, groups: int, width: int, per: int) -> np.ndarray:
+    """The 256 values of a K block as two 128-value halves, each packed by :func:`_fields`."""
+    n = v.shape[0]
+    h = v.reshape(n * 2, 128)
+    return _fields(h, groups, width, per).reshape(n, 2 * per)
+
+
+def _k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 12 bytes of eight 6-bit scales and minima: bytes 0-3 hold scales 0-3 (low 6
+    bits) and the top 2 bits of scales 4-7; bytes 4-7 the same for the minima; bytes 8-11 the
+    low nibbles of scales 4-7 and (high nibble) of minima 4-7."""
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    lo = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    mid = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    hi = (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)
+    return np.concatenate([lo, mid, hi], axis=1)
+
+
+def _q3_scales(sc: np.ndarray) -> np.ndarray:
+    """Q3_K's 12 bytes of sixteen 6-bit scales stored +32: low nibbles in bytes 0-7 (scale i in
+    byte i % 8, high nibble for i >= 8), the top 2 bits in bytes 8-11 (scale i in byte 8 + i % 4,
+    bits 2 * (i // 4))."""
+    u = (sc + 32).astype(np.uint8)
+    return np.concatenate([_fields(u & 0xF, 2, 4, 8), _fields(u >> 4, 4, 2, 4)], axis=1)
+
+
+def encode_blocks(codes: torch.Tensor, grid) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """The ggml bytes of a block-format weight (``parts.block_math``): uint8 ``(out, row
+    bytes)`` and its ggml type."""
+    if sys.byteorder != "little":
+        raise NotImplementedError("GGUF block export needs a little-endian machine")
+    fmt = grid.fmt
+    qtype = GGMLQuantizationType[fmt.name.upper()]
+    out_f = codes.shape[0]
+    c = codes.reshape(-1, fmt.block).numpy()
+    per = fmt.block // fmt.sub
+    sc = None if grid.sc is None else grid.sc.reshape(-1, per).numpy()
+    mn = None if grid.mn is None else grid.mn.reshape(-1, per).numpy()
+    d = _f16(grid.d)
+    m = None if grid.m is None else _f16(grid.m)
+    name = fmt.name
+    if name in ("q4_0", "iq4_nl"):
+        fields = [d, _fields(c, 2, 4, 16)]
+    elif name == "q4_1":
+        fields = [d, m, _fields(c, 2, 4, 16)]
+    elif name in ("q5_0", "q5_1"):
+        qh = np.packbits((c >> 4).astype(np.uint8), axis=1, bitorder="little")
+        fields = [d] + ([m] if name == "q5_1" else []) + [qh, _fields(c & 0xF, 2, 4, 16)]
+    elif name == "q8_0":
+        fields = [d, (c.astype(np.int16) - 128).astype(np.int8).view(np.uint8)]
+    elif name == "q2_k":
+        fields = [(sc | (mn << 4)).astype(np.uint8), _halves(c, 4, 2, 32), d, m]
+    elif name == "q3_k":
+        fields = [_fields(c >> 2, 8, 1, 32), _halves(c & 3, 4, 2, 32), _q3_scales(sc), d]
+    elif name == "q4_k":
+        fields = [d, m, _k_scales(sc, mn), _fields(c.reshape(-1, 64), 2, 4, 32).reshape(c.shape[0], 128)]
+    elif name == "q5_k":
+        ql = _fields((c & 0xF).reshape(-1, 64), 2, 4, 32).reshape(c.shape[0], 128)
+        fields = [d, m, _k_scales(sc, mn), _fields(c >> 4, 8, 1, 32), ql]
+    elif name == "q6_k":
+        ql = _fields((c & 0xF).reshape(-1, 128), 2, 4, 64).reshape(c.shape[0], 128)
+        fields = [ql, _halves(c >> 4, 4, 2, 32), sc.astype(np.int8).view(np.uint8), d]
+    else:
+        raise ValueError(f"no block encoder for {name}")
+    data = np.concatenate([np.ascontiguousarray(f, dtype=np.uint8) for f in fields], axis=1)
+    return data.reshape(out_f, -1), qtype

@@ -1,6 +1,7 @@
 """How each linear of a model becomes a ggml tensor for GGUF export (see ``io.gguf``).
 
-A ``CompressedLinear`` of one ``QuantizedPart`` is written in the first ggml block type that
+A ``CompressedLinear`` of one ``BlockPart`` (a quantizer run with ``format:``) is already in a
+llama.cpp type and is written as it is. One of one ``QuantizedPart`` is written in the first ggml block type that
 holds its grid exactly (``gguf_blocks``): natively when that type's code width is at most the
 grid's (Q4_0 for 4-bit symmetric grids, Q4_1 for 4-bit asymmetric ones whose minima are float16
 numbers, Q8_0 for 8-bit symmetric ones), otherwise — wider, same weights — only with
@@ -32,9 +33,10 @@ from tensorpress.io.gguf_blocks import (
     block_grid,
     decoded,
     encode,
+    encode_blocks,
     holds,
 )
-from tensorpress.parts import CompressedLinear, QuantizedPart
+from tensorpress.parts import BlockPart, CompressedLinear, QuantizedPart
 from tensorpress.parts.dense import DensePart
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class Choice:
     native: bool  # in the type of the grid's own width: written without requantize
     grid: BlockGrid | None = None
     why: str = ""  # why the layer has no type of its own
+    blocks: BlockPart | None = None  # a part already in a llama.cpp format: written as it is
 
 
 def described(layer: CompressedLinear) -> str:
@@ -61,6 +64,9 @@ def choose(layer: CompressedLinear) -> Choice:
     re-quantization fallback (with why it has no type of its own)."""
     fallback = Q8_0 if layer.in_features % BLOCK == 0 else None
     parts = list(layer.parts)
+    if len(parts) == 1 and isinstance(parts[0], BlockPart):
+        qtype = GGMLQuantizationType[parts[0].fmt.name.upper()]
+        return Choice(qtype, True, True, blocks=parts[0])
     if len(parts) != 1 or not isinstance(parts[0], QuantizedPart):
         return Choice(fallback, False, False, why="only a layer of one quantized part has a ggml block type")
     part = parts[0]
@@ -146,11 +152,14 @@ def encoded(name: str, layer: CompressedLinear, choice: Choice,
     grid's type (for the log). Exact encodings are decoded again and compared bit for bit."""
     kinds = described(layer)
     if choice.exact:
-        data = encode(choice.qtype, choice.grid)
+        if choice.blocks is not None:
+            data, _ = encode_blocks(choice.blocks.codes, choice.blocks.grid)
+        else:
+            data = encode(choice.qtype, choice.grid)
         if not bit_equal(decoded(data, choice.qtype), layer.dense()):
             raise ExportError(f"{name} ({kinds}): its {choice.qtype.name} encoding does not decode to the "
                               "layer's weights bit for bit; not written")
-        widened = f"({kinds}) written exactly as {choice.qtype.name} ({bits_per_weight(choice.qtype):.1f} bits/weight)"
+        widened = f"({kinds}) written exactly as {choice.qtype.name} ({bits_per_weight(choice.qtype):g} bits/weight)"
         return data, choice.qtype, None if choice.native else widened
     weight = layer.dense()
     if choice.qtype is None:

@@ -1,6 +1,7 @@
 """Part types, ``CompressedLinear``, bit packing and size accounting."""
 
 from tensorpress.parts.base import PART_TYPES, Part, part_from_state, register_part
+from tensorpress.parts.blocks import BlockPart
 from tensorpress.parts.codebook import CodebookPart
 from tensorpress.parts.dense import DensePart
 from tensorpress.parts.linear import CompressedLinear
@@ -12,6 +13,7 @@ from tensorpress.parts.sparse import SparsePart
 
 __all__ = [
     "PART_TYPES",
+    "BlockPart",
     "CodebookPart",
     "CompressedLinear",
     "DensePart",

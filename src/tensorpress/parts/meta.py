@@ -40,6 +40,10 @@ class QuantizedMeta(GridMeta, CodedMeta):
     pass
 
 
+class BlockMeta(ShapedMeta):
+    format: Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+
+
 class CodebookMeta(ShapedMeta, CodedMeta):
     bits: Bits
     group_size: Positive | None

@@ -18,8 +18,7 @@ from pydantic import Field
 
 from tensorpress.methods.base import LayerInput, register_method
 from tensorpress.methods.quant.rtn import QuantSettings
-from tensorpress.parts import DensePart, Part, QuantizedPart
-from tensorpress.parts.quant_math import dequantize, quantize_with_grid
+from tensorpress.parts import DensePart, Part
 
 
 @register_method
@@ -32,10 +31,6 @@ class AWQ(QuantSettings):
     grid: int = Field(20, ge=2, le=200, description="alphas tried in [0, 1)")
     quantize: bool = Field(True, description="quantize after scaling (false: scale only, for a later stage such as gptq)")
 
-    def _quantized(self, w: torch.Tensor, bits: int) -> torch.Tensor:
-        grid = self.grid_for(w, bits)
-        return dequantize(quantize_with_grid(w, grid), grid)
-
     def input_scales(self, group: list[LayerInput]) -> torch.Tensor | None:
         stats = group[0].stats
         x_mean = (stats["act_abs"] / max(stats["tokens"], 1)).float()
@@ -47,7 +42,7 @@ class AWQ(QuantSettings):
             s = s / (s.max() * s.min()).sqrt()
             err = 0.0
             for layer in group:
-                delta = self._quantized(layer.weight * s, self.bits_for(layer.name)) / s - layer.weight  # (out, in)
+                delta = self.round_trip(layer.weight * s, layer.name) / s - layer.weight  # (out, in)
                 err += ((delta @ h) * delta).sum().item()
             if err < best_err:
                 best_err, best_scale = err, s
@@ -56,5 +51,4 @@ class AWQ(QuantSettings):
     def apply(self, layer: LayerInput) -> list[Part]:
         if not self.quantize:
             return [DensePart(layer.weight)]
-        grid = self.grid_for(layer.weight, self.bits_for(layer.name))
-        return [QuantizedPart(quantize_with_grid(layer.weight, grid), grid)]
+        return self.rounded(layer.weight, layer.name)

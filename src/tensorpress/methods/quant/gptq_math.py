@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tensorpress.parts.block_math import BlockGrid, nearest_codes
 from tensorpress.parts.quant_math import QuantGrid, compute_grid, compute_grid_mse, effective_group
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 @dataclass
 class GPTQResult:
     codes: torch.Tensor  # uint8 (out, in), natural column order
-    grid: QuantGrid
+    grid: QuantGrid | BlockGrid
     sensitivity: torch.Tensor | None = None  # GPTQ's error metric err**2 per weight (out, in)
     outliers: torch.Tensor | None = None  # float16-exact corrections at the outlier positions, else 0
 
@@ -80,13 +81,20 @@ def gptq(
     mse: bool = False,
     outlier_mask: torch.Tensor | None = None,
     sensitivity: bool = False,
+    fixed: BlockGrid | None = None,
 ) -> GPTQResult:
     """GPTQ with the extras outlier-aware quantization needs.
 
     ``outlier_mask`` (bool, out x in): weights kept exactly instead of quantized — their error is
     zero, they are left out of the grids' ranges, and ``outliers`` holds the float16 corrections
     ``w - dequant(code)`` that a sparse part adds back. ``sensitivity``: also return GPTQ's error
-    metric per weight, ``((w - q) / [U]_jj)^2`` with ``U`` the inverse Hessian's Cholesky factor."""
+    metric per weight, ``((w - q) / [U]_jj)^2`` with ``U`` the inverse Hessian's Cholesky factor.
+
+    ``fixed``: a block-format grid (``parts.block_math``) chosen up front from the original
+    weights; the column loop places codes on it (``bits``, ``group_size``, ``symmetric`` unused),
+    in decreasing-Hessian-diagonal order with ``act_order``."""
+    if fixed is not None and outlier_mask is not None:
+        raise ValueError("outlier-aware GPTQ has no block-format grid")
     w = weight.detach().float().clone()
     out_f, n = w.shape
     h = xtx.detach().double().clone()
@@ -104,7 +112,10 @@ def gptq(
 
     scales = torch.empty(out_f, n_groups, dtype=torch.float16)
     zeros = None if symmetric else torch.empty(out_f, n_groups, dtype=torch.uint8)
-    if act_order:
+    if fixed is not None:
+        perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n)
+        w, h = w[:, perm], h[perm][:, perm]
+    elif act_order:
         static = _find_grid(ranged(w, mask), bits, group_size, symmetric, mse)
         scales.copy_(static.scales)
         if zeros is not None:
@@ -127,8 +138,13 @@ def gptq(
     sens_t = torch.empty(n, out_f) if sensitivity else None
     fixes_t = torch.zeros(n, out_f) if mask is not None else None
     keep_t = None if mask_p is None else mask_p.T.contiguous()
-    col_scale = col_zero = None
-    if act_order:  # static grids: each processed column's scale and zero, up front
+    col_scale = col_zero = col_offset = None
+    if fixed is not None:  # each processed column's scale and added offset, up front
+        scale_full, offset_full = fixed.columns(n)
+        col_scale = scale_full[:, perm].T.contiguous()
+        col_offset = None if offset_full is None else offset_full[:, perm].T.contiguous()
+        table = fixed.fmt.level_table()
+    elif act_order:  # static grids: each processed column's scale and zero, up front
         col_scale = scales.float().T[col_group].contiguous()
         col_zero = zeros.float().T[col_group].contiguous() if zeros is not None else None
     for b0 in range(0, n, block_size):
@@ -138,6 +154,19 @@ def gptq(
         hinv_blk = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
+            if fixed is not None:
+                x = blk[i]
+                q = nearest_codes(x, col_scale[col], None if col_offset is None else col_offset[col], fixed.fmt)
+                codes_t[col] = q
+                deq = col_scale[col] * table[q.long()]
+                if col_offset is not None:
+                    deq = deq + col_offset[col]
+                err = torch.sub(x, deq).div_(diag[col])
+                if sens_t is not None:
+                    sens_t[col] = err.square()
+                blk[i + 1 :].addmm_(hinv_blk[i, i + 1 :, None], err[None], alpha=-1)
+                err_blk[i] = err
+                continue
             g = int(col_group[col])
             if not act_order and col % group == 0:
                 # dynamic group: grid from the current (already error-compensated) weights
@@ -174,7 +203,7 @@ def gptq(
     sens = None if sens_t is None else sens_t.T
     corrections = None if fixes_t is None else fixes_t.T
     inv = torch.argsort(perm)
-    grid = QuantGrid(scales, zeros, bits, group_size, symmetric)
+    grid = fixed if fixed is not None else QuantGrid(scales, zeros, bits, group_size, symmetric)
     return GPTQResult(
         codes[:, inv] if act_order else codes,
         grid,

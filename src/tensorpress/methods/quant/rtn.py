@@ -4,11 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from tensorpress.errors import RecipeError
 from tensorpress.methods.base import LayerInput, MethodConfig, matches, register_method
-from tensorpress.parts import Part, QuantizedPart
-from tensorpress.parts.quant_math import compute_grid, compute_grid_mse, quantize_with_grid
+from tensorpress.parts import BlockPart, Part, QuantizedPart
+from tensorpress.parts.block_math import (
+    K_FALLBACK,
+    BlockFormat,
+    block_format,
+    dequantize_blocks,
+    fit_block_grid,
+    format_for_width,
+    quantize_to_blocks,
+)
+from tensorpress.parts.quant_math import compute_grid, compute_grid_mse, dequantize, quantize_with_grid
+
+FormatName = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+# settings a format fixes: setting them too is a contradiction, not a preference
+_FORMAT_FIXES = ("bits", "group_size", "symmetric", "bits_overrides", "target_bits")
 
 
 class QuantSettings(MethodConfig):
@@ -28,6 +42,18 @@ class QuantSettings(MethodConfig):
         "instead of using its min/max",
     )
 
+    format: FormatName | None = Field(
+        None,
+        description="quantize onto a llama.cpp type's own grid (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, "
+        "or the two-level q2_k .. q6_k), so a GGUF export writes the codes as that type bit for bit; "
+        "the format fixes bits, groups and zero points. Rows that do not split into the format's blocks "
+        "take llama.cpp's own fallback: " + ", ".join(f"{k} -> {v}" for k, v in K_FALLBACK.items()),
+    )
+    format_overrides: dict[str, FormatName] = Field(
+        default_factory=dict,
+        description="per-layer formats: {module-name pattern: format}, first match wins (llama.cpp's "
+        "mixes, e.g. q6_k for attention values and FFN down projections in a q4_k_m file)",
+    )
     bits_overrides: dict[str, Annotated[int, Field(ge=2, le=8)]] = Field(
         default_factory=dict,
         description="per-layer widths: {module-name pattern: bits}, first match wins (filled in "
@@ -48,6 +74,49 @@ class QuantSettings(MethodConfig):
         "gradients of the LM loss (causal models); activations = RTN error weighted by mean "
         "squared inputs (no gradients; encoders too)",
     )
+
+    @model_validator(mode="after")
+    def _format_fixes_the_grid(self):
+        if self.format is None and self.format_overrides:
+            raise ValueError("format_overrides needs a format for the other layers")
+        if self.format is not None:
+            clash = [k for k in _FORMAT_FIXES if k in self.model_fields_set]
+            if clash:
+                raise ValueError(f"format: {self.format} fixes the grid; drop {', '.join(clash)} "
+                                 "(or drop format for a tensorpress grid)")
+        return self
+
+    def format_for(self, name: str, in_features: int) -> BlockFormat | None:
+        """The block format of the layer ``name`` (an override if one matches, else ``format``),
+        llama.cpp's fallback where its rows do not split into the format's blocks; None
+        without a format."""
+        if self.format is None:
+            return None
+        chosen = next((f for p, f in self.format_overrides.items() if matches(name, [p])), self.format)
+        fmt = format_for_width(block_format(chosen), in_features)
+        if fmt is None:
+            raise RecipeError(f"{name}: rows of {in_features} weights split into no llama.cpp block "
+                              f"(format {chosen} needs a multiple of {block_format(chosen).block}, its "
+                              "fallback one of 32); leave the layer out of this stage with exclude")
+        return fmt
+
+    def rounded(self, weight, name: str) -> list[Part]:
+        """Round-to-nearest parts of ``weight`` for the layer ``name`` under these settings."""
+        fmt = self.format_for(name, weight.shape[1])
+        if fmt is not None:
+            grid = fit_block_grid(weight, fmt, self.mse)
+            return [BlockPart(quantize_to_blocks(weight, grid), grid)]
+        grid = self.grid_for(weight, self.bits_for(name))
+        return [QuantizedPart(quantize_with_grid(weight, grid), grid)]
+
+    def round_trip(self, weight, name: str):
+        """``weight`` rounded to its grid and back (float32), for searches that measure the error."""
+        fmt = self.format_for(name, weight.shape[1])
+        if fmt is not None:
+            grid = fit_block_grid(weight, fmt, self.mse)
+            return dequantize_blocks(quantize_to_blocks(weight, grid), grid)
+        grid = self.grid_for(weight, self.bits_for(name))
+        return dequantize(quantize_with_grid(weight, grid), grid)
 
     def bits_for(self, name: str) -> int:
         """The width of the layer ``name``: an override if one matches, else ``bits``."""
@@ -72,5 +141,4 @@ class RTN(QuantSettings):
     method: Literal["rtn"] = "rtn"
 
     def apply(self, layer: LayerInput) -> list[Part]:
-        grid = self.grid_for(layer.weight, self.bits_for(layer.name))
-        return [QuantizedPart(quantize_with_grid(layer.weight, grid), grid)]
+        return self.rounded(layer.weight, layer.name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tensorpress.methods.base import LayerInput, register_method
 from tensorpress.methods.quant.gptq import GPTQ
@@ -26,6 +26,13 @@ class SpQR(GPTQ):
 
     method: Literal["spqr"] = "spqr"
     outliers: float = Field(0.01, ge=0, le=0.2, description="fraction of weights kept exactly in the sparse part")
+
+    @model_validator(mode="after")
+    def _no_format(self):
+        if self.format is not None:
+            raise ValueError("spqr keeps outliers beside a tensorpress grid; format (a llama.cpp type) "
+                             "applies to rtn, gptq and awq")
+        return self
 
     def _run(self, layer: LayerInput, **extra) -> object:
         return gptq(

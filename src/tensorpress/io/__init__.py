@@ -8,6 +8,6 @@ from tensorpress.io.checkpoint import (
     save_checkpoint,
     verify,
 )
-from tensorpress.io.export import export_hf
+from tensorpress.io.export import export, export_hf
 
-__all__ = ["FORMAT_VERSION", "checkpoint_bytes", "export_hf", "load_checkpoint", "read_manifest", "save_checkpoint", "verify"]
+__all__ = ["FORMAT_VERSION", "checkpoint_bytes", "export", "export_hf", "load_checkpoint", "read_manifest", "save_checkpoint", "verify"]

@@ -50,3 +50,27 @@ def export_hf(lm: LoadedModel, path: str | os.PathLike, *, overwrite: bool = Fal
         model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
     return path
+
+
+EXPORT_FORMATS = ("hf", "gguf")
+
+
+def export(lm, path: str | os.PathLike, *, format: str = "hf", overwrite: bool = False,  # noqa: A002 - the CLI's name
+           dtype: str | None = None, requantize: bool = False) -> Path:
+    """Write ``lm`` (a ``LoadedModel`` or a ``CompressionResult``) in ``format``: ``"hf"`` a
+    Hugging Face directory (compressed linears dequantized), ``"gguf"`` a llama.cpp file whose
+    quantized tensors hold tensorpress' codes bit for bit (``dtype``: the type of uncompressed
+    weights, ``requantize``: see ``export_gguf``). Atomic: a failed export leaves nothing."""
+    lm = getattr(lm, "model", lm) if not isinstance(lm, LoadedModel) else lm
+    if not isinstance(lm, LoadedModel):
+        raise ExportError(f"export takes a LoadedModel or a CompressionResult, not {type(lm).__name__}")
+    if format == "hf":
+        if dtype is not None or requantize:
+            raise ExportError("dtype and requantize apply to format 'gguf' only")
+        return export_hf(lm, path, overwrite=overwrite)
+    if format == "gguf":
+        from tensorpress.io.gguf import export_gguf
+
+        return export_gguf(lm, path, dtype=dtype or "f16", overwrite=overwrite, requantize=requantize)
+    raise ExportError(f"unknown export format {format!r}; accepted: {', '.join(EXPORT_FORMATS)} "
+                      "(compressed-tensors and gptq checkpoints are not written yet)")

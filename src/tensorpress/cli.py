@@ -120,8 +120,12 @@ def _probe_ids(lm) -> torch.Tensor:
 
 
 def _load_any(spec: str):
+    """A checkpoint or a GGUF file as a compressed model (a GGUF's block-quantized tensors as
+    parts); anything else as ``load_model`` reads it."""
+    from tensorpress.io.gguf_import import is_gguf
+
     path = Path(spec)
-    if path.is_dir() and (path / "manifest.json").is_file():
+    if (path.is_dir() and (path / "manifest.json").is_file()) or is_gguf(path):
         return tp.load_compressed(path)
     return tp.load_model(spec)
 
@@ -156,8 +160,8 @@ def eval_cmd(
 
 @app.command()
 def inspect(
-    checkpoint: Annotated[Path, typer.Argument(help="a tensorpress checkpoint or packed (lossless) directory")],
-    tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="for a packed directory: one row per tensor")] = False,
+    checkpoint: Annotated[Path, typer.Argument(help="a tensorpress checkpoint or packed (lossless) directory, or a .gguf file")],
+    tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="for a packed directory or GGUF file: one row per tensor")] = False,
     verify_files: Annotated[bool, typer.Option("--verify/--no-verify", help="check every file's size and sha256 first (as 'tensorpress verify')")] = True,
 ) -> None:
     """Show a checkpoint's recipe, per-layer parts and bits, and files; for a packed directory,
@@ -166,9 +170,13 @@ def inspect(
 
     Example: tensorpress inspect out/w4
     """
+    from tensorpress.io.gguf_import import is_gguf
     from tensorpress.io.pack import is_packed, read_pack_manifest
     from tensorpress.report import layers_table
 
+    if is_gguf(checkpoint):
+        _inspect_gguf(checkpoint, tensors)
+        return
     if verify_files:
         _verified(checkpoint)
     packed = is_packed(checkpoint)
@@ -198,6 +206,36 @@ def inspect(
     out.print(files)
 
 
+def _inspect_gguf(path: Path, per_tensor: bool) -> None:
+    """A GGUF file's architecture and its tensors by ggml type (bits/weight as the type stores it)."""
+    from math import prod
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from tensorpress.io.headers import gguf_header
+
+    header = gguf_header(path)
+    meta = header["metadata"]
+    out.print(f"[bold]{path}[/]  GGUF v{header['version']}, architecture {meta.get('general.architecture')}, "
+              f"file type {meta.get('general.file_type')}, {path.stat().st_size / 1e6:.2f} MB")
+    table = Table(title="tensors" if per_tensor else "tensors by type", header_style="bold")
+    for col in (["tensor"] if per_tensor else []) + ["type", "tensors", "weights", "MB", "bits/weight"]:
+        table.add_column(col, justify="left" if col in ("tensor", "type") else "right")
+    groups: dict[str, list] = {}
+    for name, (kind, shape) in header["tensors"].items():
+        block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+        n = prod(shape)
+        key = name if per_tensor else kind
+        entry = groups.setdefault(key, [kind, 0, 0, 0.0])
+        entry[1] += 1
+        entry[2] += n
+        entry[3] += n * nbytes / block
+    for key, (kind, count, n, nbytes) in groups.items():
+        row = ([key] if per_tensor else []) + [kind, str(count), f"{n:,}", f"{nbytes / 1e6:.2f}", f"{8 * nbytes / n:.4g}"]
+        table.add_row(*row)
+    out.print(table)
+
+
 def _inspect_packed(path: Path, manifest: dict, per_tensor: bool) -> None:
     from tensorpress.io.pack import summary
     from tensorpress.report import packed_table
@@ -225,7 +263,7 @@ def _verified(path: Path) -> dict[str, str | None]:
 
 @app.command()
 def verify(
-    checkpoint: Annotated[Path, typer.Argument(help="a tensorpress checkpoint or packed (lossless) directory")],
+    checkpoint: Annotated[Path, typer.Argument(help="a tensorpress checkpoint or packed (lossless) directory, or a .gguf file")],
 ) -> None:
     """Check every file of a checkpoint or packed directory against its manifest: size and
     sha256 of each file (and, packed, of every decoded tensor). Exits 2 on any mismatch.

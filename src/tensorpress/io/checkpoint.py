@@ -342,12 +342,16 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     """Rebuild the (compressed) model a checkpoint holds, after verifying every file.
 
     A losslessly packed directory (``tensorpress pack``) loads too: a packed checkpoint is
-    decoded in memory, a packed Hugging Face directory through a temporary unpacked copy."""
+    decoded in memory, a packed Hugging Face directory through a temporary unpacked copy. A
+    ``.gguf`` file loads with its block-quantized tensors as parts (``io.gguf_import``)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from tensorpress.io.gguf_import import is_gguf, load_gguf_compressed
     from tensorpress.io.pack import is_packed
 
     path = Path(path)
+    if is_gguf(path):
+        return load_gguf_compressed(path)
     if is_packed(path):
         if not (path / MANIFEST).is_file():
             return _load_packed_model_dir(path)

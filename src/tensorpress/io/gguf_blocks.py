@@ -221,3 +221,83 @@ def encode_blocks(codes: torch.Tensor, grid) -> tuple[np.ndarray, GGMLQuantizati
         raise ValueError(f"no block encoder for {name}")
     data = np.concatenate([np.ascontiguousarray(f, dtype=np.uint8) for f in fields], axis=1)
     return data.reshape(out_f, -1), qtype
+
+
+def _unfields(b: np.ndarray, groups: int, width: int) -> np.ndarray:
+    """Inverse of :func:`_fields`: ``(N, per)`` bytes -> ``(N, groups * per)`` values."""
+    mask = np.uint8((1 << width) - 1)
+    return np.concatenate([(b >> np.uint8(k * width)) & mask for k in range(groups)], axis=1)
+
+
+def _unhalves(b: np.ndarray, groups: int, width: int) -> np.ndarray:
+    n = b.shape[0]
+    return _unfields(b.reshape(n * 2, -1), groups, width).reshape(n, -1)
+
+
+def _k_unscales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo, mid, hi = b[:, :4], b[:, 4:8], b[:, 8:12]
+    sc = np.concatenate([lo & 0x3F, (hi & 0xF) | ((lo >> 6) << 4)], axis=1)
+    mn = np.concatenate([mid & 0x3F, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    return sc, mn
+
+
+def decode_blocks(data: np.ndarray, fmt, shape: tuple[int, int]):
+    """Inverse of :func:`encode_blocks`: a ggml tensor's bytes (uint8, ``out`` rows) in block
+    format ``fmt`` -> ``(codes uint8 (out, in), BlockGrid)``; ``ValueError`` when the bytes do not
+    have the size ``shape`` needs."""
+    from tensorpress.parts.block_math import BlockGrid
+
+    out_f, in_f = shape
+    qtype = GGMLQuantizationType[fmt.name.upper()]
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    if in_f % block or data.size != out_f * in_f // block * nbytes:
+        raise ValueError(f"{data.size} bytes are no {fmt.name} tensor of shape {shape}")
+    b = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, nbytes)
+    name = fmt.name
+
+    def f16(lo: int) -> torch.Tensor:
+        return torch.from_numpy(b[:, lo : lo + 2].copy().view(np.float16).reshape(out_f, -1))
+
+    sc = mn = m = None
+    if name in ("q4_0", "iq4_nl", "q8_0"):
+        d = f16(0)
+        codes = _unfields(b[:, 2:], 2, 4) if name != "q8_0" else (b[:, 2:].view(np.int8).astype(np.int16) + 128)
+    elif name == "q4_1":
+        d, m, codes = f16(0), f16(2), _unfields(b[:, 4:], 2, 4)
+    elif name in ("q5_0", "q5_1"):
+        at = 4 if name == "q5_1" else 2
+        d, m = f16(0), (f16(2) if name == "q5_1" else None)
+        high = np.unpackbits(b[:, at : at + 4], axis=1, bitorder="little")
+        codes = _unfields(b[:, at + 4 :], 2, 4) | (high << 4)
+    elif name == "q2_k":
+        scales = b[:, :16]
+        sc, mn = scales & 0xF, scales >> 4
+        codes = _unhalves(b[:, 16:80], 4, 2)
+        d, m = f16(80), f16(82)
+    elif name == "q3_k":
+        high = _unfields(b[:, :32], 8, 1)
+        codes = _unhalves(b[:, 32:96], 4, 2) | (high << 2)
+        u = _unfields(b[:, 96:104], 2, 4) | (_unfields(b[:, 104:108], 4, 2) << 4)
+        sc = u.astype(np.int16) - 32
+        d = f16(108)
+    elif name in ("q4_k", "q5_k"):
+        d, m = f16(0), f16(2)
+        sc, mn = _k_unscales(b[:, 4:16])
+        if name == "q4_k":
+            codes = _unfields(b[:, 16:].reshape(-1, 32), 2, 4).reshape(b.shape[0], 256)
+        else:
+            low = _unfields(b[:, 48:].reshape(-1, 32), 2, 4).reshape(b.shape[0], 256)
+            codes = low | (_unfields(b[:, 16:48], 8, 1) << 4)
+    elif name == "q6_k":
+        low = _unfields(b[:, :128].reshape(-1, 64), 2, 4).reshape(b.shape[0], 256)
+        codes = low | (_unhalves(b[:, 128:192], 4, 2) << 4)
+        sc = b[:, 192:208].view(np.int8).astype(np.int16)
+        d = f16(208)
+    else:
+        raise ValueError(f"no block decoder for {name}")
+
+    def sub(v):
+        return None if v is None else torch.from_numpy(np.asarray(v, dtype=np.int16).reshape(out_f, in_f // fmt.sub))
+
+    codes_t = torch.from_numpy(np.asarray(codes).astype(np.uint8).reshape(out_f, in_f))
+    return codes_t, BlockGrid(fmt, d, sub(sc), m, sub(mn))

@@ -16,6 +16,7 @@ own built-in rules of that name. It is derived from the structure of ``tokenizer
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ PRE_TOKENIZERS: dict[tuple[tuple[str, Any], ...], str] = {
     (("split", _LLAMA3_SPLIT), ("bytelevel", False)): "llama-bpe",
     (("split", _QWEN2_SPLIT), ("bytelevel", False)): "qwen2",
 }
+
+
+log = logging.getLogger(__name__)
 
 
 def _steps(pre: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -85,10 +89,13 @@ def _looks_special(token: str) -> bool:
 def token_list(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int]]:
     """Tokens in id order for an embedding of ``n_vocab`` rows, and their GGUF token types."""
     vocab = tokenizer.get_vocab()
-    if max(vocab.values()) >= n_vocab:
-        raise ExportError(f"the tokenizer has ids up to {max(vocab.values())}, the embedding only {n_vocab} rows")
-    by_id = {i: token for token, i in vocab.items()}
     added = tokenizer.get_added_vocab()
+    beyond = sorted(token for token, i in vocab.items() if i >= n_vocab)
+    if any(token not in added for token in beyond):
+        raise ExportError(f"the tokenizer has ids up to {max(vocab.values())}, the embedding only {n_vocab} rows")
+    if beyond:  # e.g. the <|endoftext|> transformers' GGUF tokenizer rebuild appends: no row to embed it
+        log.warning("added tokens without an embedding row are not written: %s", ", ".join(beyond[:5]))
+    by_id = {i: token for token, i in vocab.items() if i < n_vocab}
     decoder = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for i in range(n_vocab):

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     if not args.data.is_file():
         sys.exit(f"{args.data} not found: pass --data (P1 uses ../shared/data/wikitext2-valid.txt)")
     torch.set_num_threads(2)
-    console = Console()
+    console = Console(width=250)
     lm = tp.load_model(args.model)
     windows = tp.data.evaluation(lm, args.data, seq_len=args.seq_len, windows=args.windows)
     ids = windows.input_ids

@@ -14,6 +14,10 @@ compare at the same size. Without `--imatrix`-style statistics (not run here).
 
     .venv/bin/python bench/deploy.py                       # 40 windows, 128 calibration windows
     .venv/bin/python bench/deploy.py --windows 10 --samples 32
+    .venv/bin/python bench/deploy.py --no-gguf             # only the compressed-tensors / GPTQ checks
+
+Then one GPTQ result (4-bit, groups of 64) is exported as compressed-tensors and GPTQ
+directories and loaded by transformers, whose logits are compared with tensorpress' own.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=128, help="calibration windows (P1: 128)")
     p.add_argument("--recipes", default=",".join(TP_RECIPES))
     p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--checkpoint-windows", type=int, default=8,
+                   help="windows on which transformers' logits of the compressed-tensors / GPTQ exports are compared")
+    p.add_argument("--no-gguf", action="store_true", help="only the compressed-tensors / GPTQ checks")
     p.add_argument("--work", type=Path, default=None, help="keep the files here (default: a temporary directory)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "deploy-smollm2-135m.json")
     return p.parse_args(argv)
@@ -145,8 +152,50 @@ def describe_file(path: Path) -> tuple[float, float, str]:
     return path.stat().st_size / 1e6, bits / weights, ", ".join(f"{n} {k}" for k, n in sorted(types.items()))
 
 
+CHECKPOINT_STAGE = {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True}  # 64 divides 576 and 1536
+
+
+def checkpoint_rows(lm, windows, calib, work: Path, count: int) -> list[dict]:
+    """Export one GPTQ result as compressed-tensors and GPTQ directories (float32, so the stored
+    scales are used as they are), load each with transformers and compare its logits with
+    tensorpress' on the first ``count`` windows. GPTQ needs gptqmodel (not in the main venv: it
+    would move torch); without it that row says so."""
+    from transformers import AutoModelForCausalLM
+
+    result = tp.compress(lm, tp.Recipe(stages=[CHECKPOINT_STAGE]), calib)
+    ids = windows.input_ids[:count]
+    with torch.no_grad():
+        ours = torch.cat([result.model.model(ids[i: i + 1]).logits.float() for i in range(len(ids))])
+    rows = []
+    for fmt in ("compressed-tensors", "gptq"):
+        path = tp.io.export(result, work / f"gptq-w4g64-{fmt}", format=fmt, dtype="f32", overwrite=True)
+        mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
+        row = {"format": fmt, "path": str(path), "mb": mb, "windows": len(ids)}
+        start = time.perf_counter()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu").eval()
+        except Exception as e:  # noqa: BLE001 - reported in the table, not hidden
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            rows.append(row)
+            continue
+        row["load_s"] = time.perf_counter() - start
+        with torch.no_grad():
+            theirs = torch.cat([model(ids[i: i + 1]).logits.float() for i in range(len(ids))])
+        row["max_abs_diff"] = float((theirs - ours).abs().max())
+        row["max_abs_logit"] = float(ours.abs().max())
+        row["identical"] = bool(torch.equal(theirs, ours))
+        targets = ids[:, 1:]
+        for key, logits in (("ppl", theirs), ("tensorpress_ppl", ours)):
+            logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+            row[key] = float(torch.exp(-logp.gather(-1, targets[..., None]).mean()))
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.no_gguf:
+        return checkpoints_only(args, argv)
     llama_cpp = llama_cpp_module()
     if not args.data.is_file():
         sys.exit(f"{args.data} not found: pass --data (P1 uses ../shared/data/wikitext2-valid.txt)")
@@ -203,10 +252,47 @@ def main(argv=None) -> int:
                       f"{r['top1']:.3f}", "" if r["tensorpress_ppl"] is None else f"{r['tensorpress_ppl']:.3f}", gap,
                       f"{r['decode_tok_s']:.1f}", r["types"])
     console.print(table)
+    if calib is None:
+        calib = tp.data.calibration(lm, source=args.data, samples=args.samples, seq_len=args.seq_len, seed=0)
+    checkpoints = checkpoint_rows(lm, windows, calib, work, args.checkpoint_windows)
+    print_checkpoints(console, checkpoints)
     console.print(f"machine: {machine}\ncommand: {' '.join(['bench/deploy.py', *(argv or sys.argv[1:])])}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"title": title, "machine": machine, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"title": title, "machine": machine, "rows": rows, "checkpoints": checkpoints}, indent=1))
     console.print(f"wrote {args.out}")
+    return 0
+
+
+def print_checkpoints(console, rows: list[dict]) -> None:
+    table = Table(title=f"transformers loading tensorpress' exports of {CHECKPOINT_STAGE} (float32 files)",
+                  header_style="bold")
+    for col in ("format", "MB", "windows", "transformers ppl", "tensorpress ppl", "max |logit diff|", "identical", "note"):
+        table.add_column(col)
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["format"], f"{r['mb']:.1f}", "", "", "", "", "", f"not loaded: {r['error']}")
+            continue
+        table.add_row(r["format"], f"{r['mb']:.1f}", str(r["windows"]), f"{r['ppl']:.4f}", f"{r['tensorpress_ppl']:.4f}",
+                      f"{r['max_abs_diff']:.3g} (of {r['max_abs_logit']:.1f})", "yes" if r["identical"] else "no", "")
+    console.print(table)
+
+
+def checkpoints_only(args, argv) -> int:
+    torch.set_num_threads(2)
+    console = Console(width=250)
+    lm = tp.load_model(args.model)
+    windows = tp.data.evaluation(lm, args.data, seq_len=args.seq_len, windows=args.windows)
+    calib = tp.data.calibration(lm, source=args.data, samples=args.samples, seq_len=args.seq_len, seed=0)
+    work = args.work or Path(tempfile.mkdtemp(prefix="tensorpress-deploy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = checkpoint_rows(lm, windows, calib, work, args.checkpoint_windows)
+    print_checkpoints(console, rows)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    console.print(f"machine: {machine}\ncommand: {' '.join(['bench/deploy.py', *(argv or sys.argv[1:])])}")
+    out = args.out.with_name(args.out.stem + "-checkpoints.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "checkpoints": rows}, indent=1))
+    console.print(f"wrote {out}")
     return 0
 
 

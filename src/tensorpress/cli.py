@@ -309,32 +309,44 @@ def unpack(
 @app.command()
 def export(
     source: Annotated[str, typer.Argument(help="a tensorpress checkpoint (or packed) directory, or any model spec")],
-    output: Annotated[Path, typer.Argument(help="hf: the model directory to write; gguf: the .gguf file")],
-    fmt: Annotated[Literal["hf", "gguf"], typer.Option(
-        "--format", help="hf: a transformers directory (dequantized); gguf: a llama.cpp file")] = "hf",
+    output: Annotated[Path, typer.Argument(help="gguf: the .gguf file; other formats: the model directory to write")],
+    fmt: Annotated[Literal["hf", "gguf", "compressed-tensors", "gptq"], typer.Option(
+        "--format", help="hf: a transformers directory (dequantized); gguf: a llama.cpp file; compressed-tensors "
+        "(vLLM, llm-compressor) or gptq: a quantized transformers directory")] = "hf",
     dtype: Annotated[Optional[Literal["f16", "bf16", "f32"]], typer.Option(
-        "--dtype", help="gguf: type of the uncompressed weights (default f16)")] = None,
+        "--dtype", help="not hf: type of the uncompressed weights, and of the scales in the quantized "
+        "directories (default f16)")] = None,
     requantize: Annotated[bool, typer.Option("--requantize", help="gguf: write layers without an exact ggml type of "
                                              "their own in a wider exact one, else re-quantized to Q8_0")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output")] = False,
 ) -> None:
     """Write a checkpoint or model as a plain Hugging Face model directory (compressed linears
-    dequantized; structurally pruned models as they are, smaller), or as a GGUF file for
-    llama.cpp whose quantized tensors hold exactly the codes and scales tensorpress chose.
+    dequantized; structurally pruned models as they are, smaller), as a GGUF file for
+    llama.cpp, or as a compressed-tensors or GPTQ directory; in the last three the quantized
+    tensors hold exactly the codes and scales tensorpress chose.
 
     Example: tensorpress export out/drop4 out/drop4-hf
     Example: tensorpress export out/w4 out/w4.gguf --format gguf
+    Example: tensorpress export out/w4g64 out/w4g64-ct --format compressed-tensors
     """
     from tensorpress.io.pack import is_packed
 
-    if fmt == "hf" and (dtype is not None or requantize):
-        raise tp.errors.ExportError("--dtype and --requantize apply to --format gguf only")
+    if fmt == "hf" and dtype is not None:
+        raise tp.errors.ExportError("--dtype does not apply to --format hf")
+    if fmt != "gguf" and requantize:
+        raise tp.errors.ExportError("--requantize applies to --format gguf only")
     path = Path(source)
     packed = path.is_dir() and is_packed(path)
     lm = tp.load_compressed(path) if packed else _load_any(source)
     tp.io.export(lm, output, format=fmt, overwrite=overwrite, dtype=dtype, requantize=requantize)
     if fmt == "hf":
         out.print(f"wrote {output} (load it with transformers' from_pretrained)")
+        return
+    if fmt in ("compressed-tensors", "gptq"):
+        size = sum(f.stat().st_size for f in output.iterdir() if f.suffix == ".safetensors")
+        runtime = "vLLM, or transformers with compressed-tensors" if fmt == "compressed-tensors" else \
+            "transformers with gptqmodel, or vLLM"
+        out.print(f"wrote {output}: weights {size / 1e6:.2f} MB (load it with {runtime})")
         return
     from collections import Counter
 

@@ -295,7 +295,7 @@ def test_cli_export_gguf_and_hf(tmp_path, models, capsys):
 
     with pytest.raises(SystemExit) as info:
         main(["export", str(ckpt), str(tmp_path / "hf2"), "--dtype", "bf16"])
-    assert info.value.code == 2 and "apply to --format gguf only" in capsys.readouterr().err
+    assert info.value.code == 2 and "--dtype does not apply to --format hf" in capsys.readouterr().err
     bad = tp.compress(models["llama"], tp.Recipe(stages=[W3])).save(tmp_path / "w3")
     with pytest.raises(SystemExit) as info:
         main(["export", str(bad), str(tmp_path / "w3.gguf"), "--format", "gguf"])
@@ -391,9 +391,9 @@ def test_tp_io_export_dispatches_by_format(tmp_path, models):
     assert set(check_file(path, result.model, "f16").values()) >= {"Q4_0"}
     hf = tp.io.export(result.model, tmp_path / "hf", format="hf")
     assert (hf / "config.json").is_file()
-    with pytest.raises(ExportError, match="accepted: hf, gguf"):
+    with pytest.raises(ExportError, match="accepted: hf, gguf, compressed-tensors, gptq"):
         tp.io.export(result, tmp_path / "x", format="onnx")
-    with pytest.raises(ExportError, match="apply to format 'gguf' only"):
+    with pytest.raises(ExportError, match="do not apply to format 'hf'"):
         tp.io.export(result, tmp_path / "y", format="hf", dtype="f16")
     with pytest.raises(ExportError, match="not str"):
         tp.io.export("out/w4", tmp_path / "z")

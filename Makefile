@@ -27,13 +27,26 @@ test: install
 	$(BIN)/python -m pytest
 
 # The runtimes exported files are verified in (bench/deploy.py and the test that skips without
-# them): llama-cpp-python compiles llama.cpp from source (PyPI serves no binary wheel here), about
-# 20 minutes on 2 cores the first time; pip caches the built wheel, so later installs take seconds.
-# It depends on numpy, jinja2 and diskcache only: torch does not move.
-RUNTIME_PACKAGES := llama-cpp-python==0.3.36
+# them): llama-cpp-python compiles llama.cpp from source (PyPI serves no binary wheel here), 3 to
+# 6 minutes on 2 cores. The wheel is built once into $(WHEELS) and installed from there, so later
+# installs take seconds. It is built for AVX2 (not -march=native): some machines of this kind
+# report AVX-512 and AMX, and llama.cpp's AMX int8 path crashes in this sandbox on the first
+# quantized matmul; AVX2 kernels run on every machine of the kind. It depends on numpy, jinja2
+# and diskcache only: torch does not move.
+LLAMA_CPP   := llama-cpp-python==0.3.36
+WHEELS      := $(VENV)/wheels
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+               -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-runtimes: install
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --quiet $(RUNTIME_PACKAGES)
+$(WHEELS)/.llama-cpp-stamp: | install
+	mkdir -p $(WHEELS)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(BIN)/pip wheel --quiet --no-deps --no-cache-dir -w $(WHEELS) $(LLAMA_CPP)
+	touch $@
+
+runtimes: install $(WHEELS)/.llama-cpp-stamp
+	$(BIN)/pip install --quiet --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-*.whl
+	$(BIN)/pip install --quiet diskcache jinja2
 
 # Baselines of the benchmarks (not needed by the library or the tests): zstd and zipnn for the
 # lossless one, optimum-quanto for transformers' own quantized KV cache; zipnn and quanto without

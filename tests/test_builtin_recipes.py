@@ -36,6 +36,7 @@ import transformers as T
 import tensorpress as tp
 from conftest import ALL_ARCHS, make_tokenizer, tiny_config
 from tensorpress.errors import RecipeError, TensorpressError
+from tensorpress.methods.base import matches
 from tensorpress.eval.size import size_report
 from tensorpress.methods.structural import is_structural
 from tensorpress.models import LoadedModel, adapter_for
@@ -144,15 +145,17 @@ def subjects(text_path):
 # and its fallback for rows that are not a multiple of 256
 _FORMAT_BPW = {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5, "iq4_nl": 4.5,
                "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
-_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
-def grid_bits(stage, shape: tuple[int, int]) -> int:
+def grid_bits(stage, shape: tuple[int, int], name: str = "") -> int:
     """Storage of a uniform quantization grid: codes, a float16 scale per group, zeros if
-    asymmetric; for a llama.cpp format, its bits per weight (its fallback's off the 256 grid)."""
+    asymmetric; for a llama.cpp format (the layer's override, as a resolved file_type gives
+    them), its bits per weight (its fallback's off the 256 grid)."""
     out_f, in_f = shape
     if getattr(stage, "format", None) is not None:
-        fmt = stage.format if in_f % 256 == 0 or stage.format not in _FALLBACK else _FALLBACK[stage.format]
+        chosen = next((f for p, f in stage.format_overrides.items() if matches(name, [p])), stage.format)
+        fmt = chosen if in_f % 256 == 0 or chosen not in _FALLBACK else _FALLBACK[chosen]
         return round(out_f * in_f * _FORMAT_BPW[fmt])
     groups = 1 if stage.group_size is None else math.ceil(in_f / stage.group_size)
     return out_f * in_f * stage.bits + out_f * groups * (16 + (0 if stage.symmetric else stage.bits))
@@ -176,7 +179,7 @@ def check_bits(recipe: tp.Recipe, result: tp.CompressionResult, reloaded: Loaded
         return
     for name, report in result.layers.items():
         quantizer = [s for s in stages if s.method != "lossless" and s.selects(name)][-1]
-        expected = grid_bits(quantizer, report.shape)
+        expected = grid_bits(quantizer, report.shape, name)
         if "lossless" in methods:
             assert report.weight_bits <= expected, name
         else:

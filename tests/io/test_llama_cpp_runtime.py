@@ -81,3 +81,61 @@ def test_llama_cpp_sees_a_missing_permutation(tmp_path, wide, monkeypatch):
     with torch.no_grad():
         ours = log_probs(wide.model(torch.tensor([ids])).logits[0].numpy())
     assert kl(ours, llama_cpp_log_probs(path, ids)) > 1e-3
+
+
+# llama_ftype values (llama.h)
+FTYPES = {"q4_0": 2, "q2_k": 10, "q3_k_m": 12, "q4_k_s": 14, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+
+
+def llama_cpp_quantize(src, dst, ftype: int) -> None:
+    import ctypes
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+@pytest.fixture(scope="module")
+def mixed_widths():
+    """16 blocks (so the _M mixes' choice by block index shows), rows of 320 (off the 256 grid:
+    llama.cpp's fallbacks) and 512, a tied head."""
+    import transformers as T
+
+    from conftest import make_tokenizer
+    from tensorpress.models import LoadedModel, adapter_for
+
+    config = T.LlamaConfig(hidden_size=320, intermediate_size=512, num_hidden_layers=16, num_attention_heads=5,
+                           num_key_value_heads=1, max_position_embeddings=256, vocab_size=320, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LoadedModel(T.AutoModelForCausalLM.from_config(config).eval(), make_tokenizer(), adapter_for("llama"), "mixed")
+
+
+@pytest.mark.parametrize("file_type", sorted(FTYPES))
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_file_type_recipes_give_every_tensor_llama_cpps_type(tmp_path, mixed_widths, file_type, tied):
+    """``file_type: X`` quantizes each tensor onto the type llama.cpp's own quantizer gives it in
+    an X file: the two files have the same tensor types and the same size."""
+    from tensorpress.io.headers import gguf_header
+
+    lm = mixed_widths
+    if not tied:
+        lm = tp.LoadedModel(copy_untied(lm.model), lm.tokenizer, lm.adapter, "mixed-untied")
+    reference = tp.io.export(lm, tmp_path / "f16.gguf", format="gguf", dtype="f16")
+    llama_cpp_quantize(reference, tmp_path / "theirs.gguf", FTYPES[file_type])
+    recipe = tp.Recipe(stages=[{"method": "rtn", "file_type": file_type},
+                               {"method": "rtn", "file_type": file_type, "targets": ["re:.*embed.*|lm_head"], "ignore": []}])
+    ours = tp.io.export(tp.compress(lm, recipe), tmp_path / "ours.gguf", format="gguf", dtype="f16")
+    types = {path: {k: v[0] for k, v in gguf_header(path)["tensors"].items()} for path in (ours, tmp_path / "theirs.gguf")}
+    assert types[ours] == types[tmp_path / "theirs.gguf"]
+    assert ("output.weight" in types[ours]) == (not tied)
+    assert ours.stat().st_size == (tmp_path / "theirs.gguf").stat().st_size
+
+
+def copy_untied(model):
+    import copy
+
+    model = copy.deepcopy(model)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone() * 0.5)
+    return model

@@ -89,7 +89,7 @@ def test_fallback_follows_llama_cpp_for_rows_off_the_256_grid():
     assert format_for_width(block_format("q4_k"), 576).name == "q5_0"
     assert format_for_width(block_format("q5_k"), 576).name == "q5_1"
     assert format_for_width(block_format("q6_k"), 576).name == "q8_0"
-    assert format_for_width(block_format("q3_k"), 576).name == "iq4_nl"
+    assert format_for_width(block_format("q3_k"), 576).name == "q4_0"  # as llama-cpp-python 0.3.36 quantizes it
     assert format_for_width(block_format("q4_k"), 1536).name == "q4_k"
     assert format_for_width(block_format("q4_0"), 100) is None
 

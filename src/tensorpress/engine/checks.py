@@ -44,13 +44,13 @@ def check_finite(name: str, weight: torch.Tensor) -> None:
         )
 
 
-def check_weights_finite(lm: LoadedModel, model: nn.Module, stages: list[MethodConfig], head: tuple[str, nn.Module] | None) -> None:
-    """Every linear some stage selects (the head too, if selected) has finite weights: checked
-    before any statistics pass, where a NaN would surface far away (a Hessian that is not
-    positive definite, with no layer named)."""
+def check_weights_finite(lm: LoadedModel, model: nn.Module, stages: list[MethodConfig],
+                         outside: list[tuple[str, nn.Module]]) -> None:
+    """Every linear some stage selects (the head and embeddings too, if selected: ``outside``
+    the blocks) has finite weights: checked before any statistics pass, where a NaN would
+    surface far away (a Hessian that is not positive definite, with no layer named)."""
     modules = {name: block.get_submodule(rel) for name, (block, rel) in block_linears(lm, model).items()}
-    if head is not None:
-        modules[head[0]] = head[1]
+    modules.update(outside)
     for name, module in modules.items():
         if any(stage.selects(name) for stage in stages):
             weight = module.dense() if isinstance(module, CompressedLinear) else module.weight.detach()
@@ -82,12 +82,14 @@ def _near(pattern: str, names: list[str]) -> str:
     return hint
 
 
-def check_patterns(lm: LoadedModel, model: nn.Module, stages: list[MethodConfig], head: tuple[str, nn.Module] | None) -> None:
-    """Every stage selects some linear, and every one of its patterns does its part: a pattern
-    that matches nothing is almost always a typo whose layers silently fall back to a default."""
+def check_patterns(lm: LoadedModel, model: nn.Module, stages: list[MethodConfig],
+                   outside: list[tuple[str, nn.Module]]) -> None:
+    """Every stage selects some linear (or the head or embeddings, ``outside`` the blocks), and
+    every one of its patterns does its part: a pattern that matches nothing is almost always a
+    typo whose layers silently fall back to a default."""
     names = list(block_linears(lm, model))
     example = names[0] if names else "(none)"
-    everything = names + ([head[0]] if head is not None else [])
+    everything = names + [name for name, _ in outside]
     for i, stage in enumerate(stages):
         where = f"stage {i + 1} ({stage.name})"
         selected = [n for n in everything if stage.selects(n)]

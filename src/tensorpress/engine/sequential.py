@@ -14,7 +14,9 @@ import contextlib
 import copy
 import inspect
 import logging
+import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +26,12 @@ from transformers.cache_utils import Cache
 from transformers.pytorch_utils import Conv1D
 
 from tensorpress.data import TokenWindows, check_context
-from tensorpress.engine.checks import check_finite, check_patterns, check_stats_finite, check_weights_finite
+from tensorpress.engine.checks import (
+    check_finite,
+    check_patterns,
+    check_stats_finite,
+    check_weights_finite,
+)
 from tensorpress.engine.folding import can_fold_into, fold_scale
 from tensorpress.engine.linears import bias_of, in_features, is_linear, weight_of
 from tensorpress.engine.lockstep import BlockCall, lockstep_pass
@@ -32,11 +39,14 @@ from tensorpress.engine.result import CompressionResult, LayerReport
 from tensorpress.engine.stats import StatsHooks
 from tensorpress.errors import CalibrationError, RecipeError
 from tensorpress.methods import LayerInput, MethodConfig
+from tensorpress.methods.base import matches
+from tensorpress.methods.quant.file_types import BASE as FILE_TYPE_BASE
+from tensorpress.methods.quant.file_types import tensor_format
 from tensorpress.methods.quant.mixed import allocate_bits, fisher_diagonals, width_costs
 from tensorpress.methods.structural import is_structural
 from tensorpress.methods.structural.depth import LinearBridge, bridge_indices
 from tensorpress.models import LoadedModel
-from tensorpress.parts import CompressedLinear
+from tensorpress.parts import CompressedEmbedding, CompressedLinear, TiedHead
 from tensorpress.parts.linear import dense_weights_cached
 from tensorpress.progress import track
 from tensorpress.recipe import Recipe, RecipeLike, resolve
@@ -127,21 +137,114 @@ def _head(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None if name is None else (name, head)
 
 
-def _head_stages(head: tuple[str, nn.Module] | None, recipe: Recipe) -> list[MethodConfig]:
-    """The stages that select the LM head (none by default: ``lm_head`` is in the default
-    ``ignore``). Only methods that need no calibration statistics can take it: the engine
-    gathers statistics for block linears only."""
+def _embeddings(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The input embeddings (``get_input_embeddings``) as ``(name, module)``, if a plain table."""
+    get = getattr(model, "get_input_embeddings", None)
+    table = get() if get is not None else None
+    if not isinstance(table, nn.Embedding):
+        return None
+    name = next((n for n, m in model.named_modules() if m is table), None)
+    return None if name is None else (name, table)
+
+
+def _outside(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers outside the blocks a stage may select: the LM head and the input embeddings."""
+    return [found for found in (_head(model), _embeddings(model)) if found is not None]
+
+
+def _tied(head: tuple[str, nn.Module] | None, table: tuple[str, nn.Module] | None) -> bool:
+    return head is not None and table is not None and getattr(head[1], "weight", None) is table[1].weight
+
+
+def _resolve_file_types(lm: LoadedModel, model: nn.Module, recipe: Recipe, head: tuple[str, nn.Module] | None,
+                        table: tuple[str, nn.Module] | None) -> Recipe:
+    """Replace each stage's ``file_type`` by the per-tensor formats llama.cpp's quantizer gives
+    the tensors it selects (``file_types.tensor_format``: by the adapter's role, block index,
+    row width, and for the embeddings and head whether they are tied)."""
+    if not any(getattr(s, "file_type", None) for s in recipe.stages):
+        return recipe
+    prefix = lm.adapter.blocks_path(model)
+    blocks = lm.adapter.blocks(model)
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    n_gqa = heads // (getattr(config, "num_key_value_heads", None) or heads)
+    stages = list(recipe.stages)
+    for index, stage in enumerate(stages):
+        file_type = getattr(stage, "file_type", None)
+        if file_type is None:
+            continue
+        overrides: dict[str, str] = {}
+        for i, block in enumerate(blocks):
+            for rel in _stage_linears(lm, block, f"{prefix}.{i}", stage):
+                role = lm.adapter.role_of(rel)
+                if role is None:
+                    raise RecipeError(f"stage {index + 1} ({stage.name}): file_type needs each linear's role, and the "
+                                      f"{lm.adapter.family} adapter gives {rel!r} none; use format instead")
+                width = in_features(block.get_submodule(rel))
+                overrides[f"re:{re.escape(f'{prefix}.{i}.{rel}')}"] = tensor_format(
+                    file_type, role, i, len(blocks), in_features=width, n_gqa=n_gqa)
+        for found, role, selects in ((head, "output", MethodConfig.selects), (table, "token_embd", _selects_table)):
+            if found is not None and selects(stage, found[0]):
+                overrides[f"re:{re.escape(found[0])}"] = tensor_format(
+                    file_type, role, None, len(blocks), in_features=found[1].weight.shape[1], tied=_tied(head, table))
+        stages[index] = stage.model_copy(update={"file_type": None, "format": FILE_TYPE_BASE[file_type],
+                                                 "format_overrides": overrides})
+        log.info("stage %d (%s): file_type %s gives %s", index + 1, stage.name, file_type,
+                 dict(sorted(Counter(overrides.values()).items())))
+    return recipe.model_copy(update={"stages": stages})
+
+
+def _selects_table(stage: MethodConfig, name: str) -> bool:
+    """The input embeddings are taken only by a targets pattern that names them, not by the
+    default ``*`` (all linears), whatever the ignore list says."""
+    return stage.selects(name) and any(p != "*" and matches(name, [p]) for p in stage.targets)
+
+
+def _head_stages(head: tuple[str, nn.Module] | None, recipe: Recipe, what: str = "LM head") -> list[MethodConfig]:
+    """The stages that select the LM head, or the input embeddings (none by default:
+    ``lm_head`` and ``re:.*embed.*`` are in the default ``ignore``, and the embeddings need a
+    targets pattern of their own). Only methods that need no calibration statistics can take
+    them: the engine gathers statistics for block linears only."""
     if head is None:
         return []
-    chosen = [stage for stage in recipe.stages if stage.selects(head[0])]
+    selects = _selects_table if what == "input embeddings" else MethodConfig.selects
+    chosen = [stage for stage in recipe.stages if selects(stage, head[0])]
     for stage in chosen:
         if stage.needs or stage.scales_inputs() or getattr(stage, "target_bits", None) is not None or stage.wants_allocation():
             raise RecipeError(
-                f"stage {stage.name} selects the LM head {head[0]!r}, but the head takes only methods that need no "
+                f"stage {stage.name} selects the {what} {head[0]!r}, but it takes only methods that need no "
                 "calibration statistics or allocation (e.g. rtn, nf4); add it to this stage's ignore and quantize it in a "
                 "separate stage"
             )
     return chosen
+
+
+def _compress_embeddings(
+    model: nn.Module,
+    table: tuple[str, nn.Module] | None,
+    stages: list[MethodConfig],
+    layers: dict[str, LayerReport],
+    timings: dict[str, float],
+) -> None:
+    """Run ``stages`` on the input embeddings as on a linear of their ``(vocab, dim)`` weight
+    (groups along each token's row, as llama.cpp quantizes ``token_embd``) and put a
+    ``CompressedEmbedding`` of the result in their place. A head still tied to them becomes a
+    ``TiedHead`` reading the same parts: one quantized table, as in a tied GGUF file."""
+    if table is None or not stages:
+        return
+    name, module = table
+    head = _head(model)
+    tied = head is not None and getattr(head[1], "weight", None) is module.weight
+    holder = nn.Module()
+    holder.table = nn.Linear(module.embedding_dim, module.num_embeddings, bias=False)
+    holder.table.weight = module.weight
+    with _timed(timings, "methods_seconds"):
+        for stage in stages:
+            _apply_stage(holder, "table", name, stage, {}, {}, layers)
+    compressed = CompressedEmbedding(list(holder.table.parts), module.padding_idx, module.weight.dtype)
+    model.set_submodule(name, compressed)
+    if tied:
+        model.set_submodule(head[0], TiedHead(compressed))
 
 
 def _compress_head(
@@ -181,7 +284,7 @@ def compress(
     recipe = resolve(recipe)
     if calib is not None:
         check_context(lm.model, calib.seq_len, "calibration")
-    check_weights_finite(lm, lm.model, recipe.stages, _head(lm.model))  # before any pass, on the original
+    check_weights_finite(lm, lm.model, recipe.stages, _outside(lm.model))  # before any pass, on the original
     model = lm.model if inplace else copy.deepcopy(lm.model)
     model.eval()
     full_recipe = recipe
@@ -204,8 +307,13 @@ def compress(
         structure.append({"method": stage.name, **done})
     recipe = recipe.model_copy(update={"stages": recipe.stages[leading:]})
     head = _head(model)
-    check_patterns(lm, model, recipe.stages, head)
+    table = _embeddings(model)
+    check_patterns(lm, model, recipe.stages, _outside(model))
+    recipe = _resolve_file_types(lm, model, recipe, head, table)
     head_stages = _head_stages(head, recipe)
+    table_stages = _head_stages(table, recipe, "input embeddings")
+    if _tied(head, table) and head_stages and [id(s) for s in head_stages] == [id(s) for s in table_stages]:
+        head_stages = []  # one table, compressed once as the embeddings; the head reads it
     needs_calib = any(stage.needs for stage in recipe.stages)  # block statistics, not only allocation
     if needs_calib and calib is None:
         names = [s.name for s in recipe.stages if s.needs]
@@ -263,6 +371,7 @@ def compress(
                 with _timed(timings, "propagate_seconds"), dense_weights_cached(block):
                     calls = run_block(block, calls)
     _compress_head(model, head, head_stages, layers, timings)
+    _compress_embeddings(model, table, table_stages, layers, timings)
     timings["total_seconds"] = time.perf_counter() - start
 
     info = dict(

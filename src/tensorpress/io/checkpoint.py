@@ -44,7 +44,13 @@ from tensorpress.io.files import atomic_dir, confined, sha256_file
 from tensorpress.io.headers import safetensors_header
 from tensorpress.io.schema import CheckpointManifest, clip, validated
 from tensorpress.models import LoadedModel, adapter_for
-from tensorpress.parts import PART_TYPES, CompressedLinear, part_from_state
+from tensorpress.parts import (
+    PART_TYPES,
+    CompressedEmbedding,
+    CompressedLinear,
+    TiedHead,
+    part_from_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,12 @@ def _dense_state(model: torch.nn.Module, compressed: set[str]) -> tuple[dict[str
         seen[key] = name
         tensors[name] = tensor.detach().contiguous()
     return tensors, aliases
+
+
+def _tied_heads(model: torch.nn.Module, layers: dict[str, CompressedLinear]) -> dict[str, str]:
+    """``{head: embedding layer}`` for heads that read a compressed embedding's parts."""
+    owner = {id(m): n for n, m in layers.items()}
+    return {n: owner[id(m.table)] for n, m in model.named_modules() if isinstance(m, TiedHead) and id(m.table) in owner}
 
 
 def save_checkpoint(
@@ -108,6 +120,8 @@ def save_checkpoint(
                 "parts": entries,
                 "weight_bits": layer.weight_nbits(),
             }
+            if isinstance(layer, CompressedEmbedding):
+                layer_entries[name].update(role="embedding", padding_idx=layer.padding_idx)
         if part_tensors:
             save_file(part_tensors, tmp / PARTS_FILE, metadata={"format": "pt"})
         files = {
@@ -128,6 +142,7 @@ def save_checkpoint(
             "layers": layer_entries,
             "aliases": aliases,
             "bridges": bridge_indices(lm.adapter.blocks(model)),  # drop_blocks with replace: linear
+            "tied_heads": _tied_heads(model, layers),
             "files": files,
             **(extra or {}),
         }
@@ -292,8 +307,12 @@ def _build_model(path: Path, manifest: dict[str, Any], config: Any, adapter: Any
             shape = shape[::-1]  # GPT-2's Conv1D keeps (in, out)
         if shape != tuple(entry["shape"]):
             raise CheckpointError(f"{path}: layer {name} is {list(entry['shape'])} in the manifest but {shape} in the model")
-    # a compressed linear's weight is its parts; its bias stays in the dense file
-    held = {f"{name}.weight" for name in compressed} | set(manifest["aliases"])
+    for head, table in manifest.get("tied_heads", {}).items():
+        module = skeleton.get_submodule(head) if _has_module(skeleton, head) else None
+        if compressed.get(table, {}).get("role") != "embedding" or not isinstance(module, torch.nn.Linear):
+            raise CheckpointError(f"{path}: tied head {head!r} -> {table!r} names no linear head and compressed embedding")
+    # a compressed linear's weight is its parts (a tied head's is its embedding's); its bias stays in the dense file
+    held = {f"{name}.weight" for name in [*compressed, *manifest.get("tied_heads", {})]} | set(manifest["aliases"])
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in held}
     if manifest.get("bridges"):
         expected = None  # bridges replace blocks after construction; checked by load_state_dict below
@@ -305,6 +324,14 @@ def _build_model(path: Path, manifest: dict[str, Any], config: Any, adapter: Any
     with untrusted(f"{path}: config.json"):
         model = cls(config)
     return model.to(dtype).eval(), dtype
+
+
+def _has_module(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _rebuild_layer(path: Path, name: str, entry: dict[str, Any], part_tensors: dict[str, torch.Tensor], dtype) -> CompressedLinear:
@@ -331,8 +358,13 @@ def _rebuild_layer(path: Path, name: str, entry: dict[str, Any], part_tensors: d
             raise CheckpointError(f"{where}: rebuilds as {list(part.shape)} in {bits} bits, the manifest says "
                                   f"{list(shape)} in {p['nbits']} bits")
         parts.append(part)
-    bias = torch.zeros(shape[0], dtype=dtype) if entry["bias"] else None
-    layer = CompressedLinear(parts, bias)
+    if entry.get("role") == "embedding":
+        if entry["bias"]:
+            raise CheckpointError(f"{path}: embedding layer {name} cannot have a bias")
+        layer = CompressedEmbedding(parts, entry.get("padding_idx"), dtype)
+    else:
+        bias = torch.zeros(shape[0], dtype=dtype) if entry["bias"] else None
+        layer = CompressedLinear(parts, bias)
     if layer.weight_nbits() != entry["weight_bits"]:
         raise CheckpointError(f"{path}: layer {name} holds {layer.weight_nbits()} bits, the manifest says {entry['weight_bits']}")
     return layer
@@ -382,10 +414,13 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
         place_bridges(adapter, model, bridges)
     part_tensors = tensors_of(PARTS_FILE) if manifest["layers"] else {}
     expected_missing = set(manifest["aliases"])
+    rebuilt = {}
     for name, entry in manifest["layers"].items():
-        layer = _rebuild_layer(path, name, entry, part_tensors, dtype)
+        layer = rebuilt[name] = _rebuild_layer(path, name, entry, part_tensors, dtype)
         model.set_submodule(name, layer)
         expected_missing.update(f"{name}.{k}" for k in layer.state_dict() if k.startswith("parts."))
+    for head, table in manifest.get("tied_heads", {}).items():
+        model.set_submodule(head, TiedHead(rebuilt[table]))
     try:
         missing, unexpected = model.load_state_dict(dense, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from tensorpress.errors import ExportError
 from tensorpress.io.files import atomic_dir, check_output
 from tensorpress.models import LoadedModel
-from tensorpress.parts import CompressedLinear
+from tensorpress.parts import CompressedEmbedding, CompressedLinear, TiedHead
 
 
 def source_classes(model: nn.Module) -> dict[str, type]:
@@ -40,6 +40,10 @@ def dense_copy(model: nn.Module) -> nn.Module:
     memo = {}
     for name, module in compressed:
         weight = module.dense()
+        if isinstance(module, CompressedEmbedding):
+            memo[id(module)] = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
+                                            _weight=weight.to(module.out_dtype))
+            continue
         if classes.get(name) is Conv1D:
             layer = Conv1D(module.out_features, module.in_features)
             layer.weight.data.copy_(weight.T)
@@ -51,6 +55,11 @@ def dense_copy(model: nn.Module) -> nn.Module:
         if module.bias is not None:
             layer.bias.data.copy_(module.bias.float())
         memo[id(module)] = layer
+    for module in model.modules():
+        if isinstance(module, TiedHead) and id(module.table) in memo:  # tied again, to the dense table
+            head = nn.Linear(module.in_features, module.out_features, bias=False)
+            head.weight = memo[id(module.table)].weight
+            memo[id(module)] = head
     return copy.deepcopy(model, memo)
 
 

@@ -27,7 +27,7 @@ from tensorpress.io.gguf import ARCHITECTURES, T, rope_rows
 from tensorpress.io.gguf_blocks import bit_equal, decode_blocks
 from tensorpress.io.headers import gguf_header
 from tensorpress.models import LoadedModel
-from tensorpress.parts import BlockPart, CompressedLinear
+from tensorpress.parts import BlockPart, CompressedEmbedding, CompressedLinear, TiedHead
 from tensorpress.parts.block_math import FORMATS, BlockGrid
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,12 @@ def load_gguf_compressed(path: str | os.PathLike) -> LoadedModel:
     names = gguf.get_tensor_name_map(arch.arch, config.num_hidden_layers)
     tensors = {t.name: t for t in reader.tensors}
     kept = dense = 0
-    for module_name, module in list(lm.model.named_modules()):
-        if not isinstance(module, nn.Linear):
+    model = lm.model
+    head = model.get_output_embeddings()
+    table = model.get_input_embeddings()
+    tied = head is not None and table is not None and getattr(head, "weight", None) is table.weight
+    for module_name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear | nn.Embedding) or (tied and module is head):
             continue
         found = names.get_type_and_name(f"{module_name}.weight", try_suffixes=(".weight",))
         tensor = tensors.get(found[1]) if found else None
@@ -75,7 +79,7 @@ def load_gguf_compressed(path: str | os.PathLike) -> LoadedModel:
         fmt = FORMATS.get(tensor.tensor_type.name.lower())
         if fmt is None:
             continue
-        shape = (module.out_features, module.in_features)
+        shape = tuple(module.weight.shape)  # (out, in), and (vocab, dim) for the embeddings
         try:
             codes, grid = decode_blocks(np.asarray(tensor.data), fmt, shape)
             if arch.permute_qk and found[0] in (T.ATTN_Q, T.ATTN_K):
@@ -89,9 +93,16 @@ def load_gguf_compressed(path: str | os.PathLike) -> LoadedModel:
             log.warning("%s: %s does not decode to the weight transformers read; kept dense", path, tensor.name)
             dense += 1
             continue
-        bias = None if module.bias is None else module.bias.detach().clone()
-        lm.model.set_submodule(module_name, CompressedLinear([part], bias))
+        if isinstance(module, nn.Embedding):
+            compressed = CompressedEmbedding([part], module.padding_idx, module.weight.dtype)
+            model.set_submodule(module_name, compressed)
+            if tied:  # llama.cpp's output reads token_embd: so does the head here
+                name = next(n for n, m in model.named_modules() if m is head)
+                model.set_submodule(name, TiedHead(compressed))
+        else:
+            bias = None if module.bias is None else module.bias.detach().clone()
+            model.set_submodule(module_name, CompressedLinear([part], bias))
         kept += 1
-    log.info("%s: %d linears kept in their block types, %d dense", path, kept, dense)
+    log.info("%s: %d tensors kept in their block types, %d dense", path, kept, dense)
     lm.info = {**lm.info, "source": "gguf-compressed"}
     return lm

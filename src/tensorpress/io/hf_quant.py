@@ -28,7 +28,7 @@ from tensorpress.errors import ExportError
 from tensorpress.io.files import atomic_dir
 from tensorpress.io.int_grid import IntGrid, integer_grid
 from tensorpress.models import LoadedModel
-from tensorpress.parts import BlockPart, CompressedLinear, QuantizedPart
+from tensorpress.parts import BlockPart, CompressedEmbedding, CompressedLinear, QuantizedPart
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ def plan(lm: LoadedModel, fmt: str, dtype: torch.dtype, accepts: Callable[[IntGr
         if isinstance(module, nn.Linear):
             plain.append(name)
         if not isinstance(module, CompressedLinear):
+            continue
+        if isinstance(module, CompressedEmbedding):  # neither format's loaders quantize embedding tables
+            log.warning("%s: the quantized embedding table is written dense at the export's float type", name)
             continue
         coded = any(isinstance(p, QuantizedPart | BlockPart) for p in module.parts)
         grid = integer_grid(module)

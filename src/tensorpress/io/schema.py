@@ -65,6 +65,8 @@ class LayerEntry(_Strict):
     bias: bool
     parts: list[PartEntry] = Field(min_length=1, max_length=MAX_PARTS)
     weight_bits: Count
+    role: Literal["linear", "embedding"] = "linear"  # an embedding is rebuilt as a CompressedEmbedding
+    padding_idx: Annotated[int, Field(ge=0)] | None = None
 
 
 class CheckpointManifest(_Strict):
@@ -82,6 +84,7 @@ class CheckpointManifest(_Strict):
     layers: dict[ModuleName, LayerEntry] = Field(max_length=MAX_LAYERS)
     aliases: dict[TensorName, TensorName] = Field(default_factory=dict, max_length=MAX_LAYERS)
     bridges: list[Annotated[int, Field(ge=0, le=MAX_LAYERS)]] = Field(default_factory=list, max_length=MAX_LAYERS)
+    tied_heads: dict[ModuleName, ModuleName] = Field(default_factory=dict, max_length=4)  # head -> embedding layer
     files: dict[FileName, FileEntry] = Field(max_length=MAX_FILES)
 
 

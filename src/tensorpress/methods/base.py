@@ -79,7 +79,8 @@ class MethodConfig(BaseModel):
     targets: list[str] = Field(
         default_factory=lambda: ["*"],
         description="module-name patterns to compress (glob, or 're:' regex); default all "
-        "linears of the transformer blocks",
+        "linears of the transformer blocks (the LM head too unless ignored; the input embeddings only "
+        "when a pattern other than '*' names them)",
     )
     ignore: list[str] = Field(
         default_factory=lambda: list(DEFAULT_IGNORE),

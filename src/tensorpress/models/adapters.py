@@ -35,6 +35,9 @@ class Adapter:
     # output rows), or None where no such module exists (a nonlinearity or a fused projection
     # sits between). Used by activation-aware scaling (AWQ).
     producers: tuple[str | None, ...] = ()
+    # What each block linear is, in llama.cpp's terms (attn_q, attn_k, attn_v, attn_qkv, attn_output,
+    # ffn_gate, ffn_up, ffn_down): the file-type mixes choose tensor types by role.
+    roles: tuple[tuple[str, str], ...] = ()
 
     def producer_of(self, group: int) -> str | None:
         return self.producers[group] if group < len(self.producers) else None
@@ -70,6 +73,9 @@ class Adapter:
         """Names of a block's linears relative to the block, in execution order."""
         return [name for group in self.linear_groups for name in group]
 
+    def role_of(self, relative_name: str) -> str | None:
+        return dict(self.roles).get(relative_name)
+
     def group_of(self, relative_name: str) -> int:
         for i, group in enumerate(self.linear_groups):
             if relative_name in group:
@@ -95,6 +101,9 @@ ADAPTERS: tuple[Adapter, ...] = (
         # o_proj's inputs are v_proj's outputs only when every query head has its own KV head;
         # the engine checks the widths before folding there.
         producers=("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"),
+        roles=(("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+               ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+               ("mlp.down_proj", "ffn_down")),
     ),
     Adapter(
         family="gpt2",
@@ -105,6 +114,8 @@ ADAPTERS: tuple[Adapter, ...] = (
         # c_attn computes q, k and v in one matmul; c_proj of attn reads the attention output.
         linear_groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         producers=("ln_1", None, "ln_2", None),
+        roles=(("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"), ("mlp.c_fc", "ffn_up"),
+               ("mlp.c_proj", "ffn_down")),
     ),
     Adapter(
         family="opt",
@@ -119,6 +130,8 @@ ADAPTERS: tuple[Adapter, ...] = (
             ("fc2",),
         ),
         producers=("self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", None),
+        roles=(("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+               ("self_attn.out_proj", "attn_output"), ("fc1", "ffn_up"), ("fc2", "ffn_down")),
     ),
     Adapter(
         family="gpt_neox",
@@ -133,6 +146,8 @@ ADAPTERS: tuple[Adapter, ...] = (
             ("mlp.dense_4h_to_h",),
         ),
         producers=("input_layernorm", None, "post_attention_layernorm", None),
+        roles=(("attention.query_key_value", "attn_qkv"), ("attention.dense", "attn_output"),
+               ("mlp.dense_h_to_4h", "ffn_up"), ("mlp.dense_4h_to_h", "ffn_down")),
     ),
     Adapter(
         family="bert",
@@ -148,6 +163,8 @@ ADAPTERS: tuple[Adapter, ...] = (
             ("output.dense",),
         ),
         causal=False,
+        roles=(("attention.self.query", "attn_q"), ("attention.self.key", "attn_k"), ("attention.self.value", "attn_v"),
+               ("attention.output.dense", "attn_output"), ("intermediate.dense", "ffn_up"), ("output.dense", "ffn_down")),
     ),
 )
 

@@ -4,7 +4,7 @@ from tensorpress.parts.base import PART_TYPES, Part, part_from_state, register_p
 from tensorpress.parts.blocks import BlockPart
 from tensorpress.parts.codebook import CodebookPart
 from tensorpress.parts.dense import DensePart
-from tensorpress.parts.linear import CompressedLinear
+from tensorpress.parts.linear import CompressedEmbedding, CompressedLinear, TiedHead
 from tensorpress.parts.lowrank import LowRankPart
 from tensorpress.parts.masked import MaskedPart
 from tensorpress.parts.quant_math import QuantGrid
@@ -15,6 +15,7 @@ __all__ = [
     "PART_TYPES",
     "BlockPart",
     "CodebookPart",
+    "CompressedEmbedding",
     "CompressedLinear",
     "DensePart",
     "LowRankPart",
@@ -23,6 +24,7 @@ __all__ = [
     "QuantGrid",
     "QuantizedPart",
     "SparsePart",
+    "TiedHead",
     "part_from_state",
     "register_part",
 ]

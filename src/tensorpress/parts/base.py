@@ -50,6 +50,11 @@ class Part(nn.Module):
         """This part's contribution to the weight, float32 ``(out, in)``."""
         raise NotImplementedError
 
+    def dense_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``(len(rows), in)``: the dense weight's rows ``rows`` (a 1-D index), for
+        embedding lookups; parts that can decode rows alone override it."""
+        return self.dense()[rows]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dense().to(x.dtype))
 

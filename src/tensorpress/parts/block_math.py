@@ -98,7 +98,7 @@ FORMATS: dict[str, BlockFormat] = {f.name: f for f in (
 
 # What llama.cpp writes when a row is not a multiple of 256 (its llama-quant.cpp): the weights
 # keep a 32-weight format of about the same precision.
-K_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 def block_format(name: str) -> BlockFormat:
@@ -129,7 +129,7 @@ class BlockGrid:
     m: torch.Tensor | None = None  # float16 (out, in/block): the minimum (float) or dmin (coded)
     mn: torch.Tensor | None = None  # int16 (out, in/sub): minimum codes (coded)
 
-    def rows(self, rows: slice) -> BlockGrid:
+    def rows(self, rows: slice | torch.Tensor) -> BlockGrid:
         def cut(t):
             return None if t is None else t[rows].contiguous()
 

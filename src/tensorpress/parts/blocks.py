@@ -44,6 +44,9 @@ class BlockPart(Part):
     def dense(self) -> torch.Tensor:
         return dequantize_blocks(self.codes, self.grid)
 
+    def dense_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return dequantize_blocks(self.codes[rows], self.grid.rows(rows))
+
     def nbits(self) -> int:
         n_sub = self.codes.numel() // self.fmt.sub
         total = self.codes.numel() * self.fmt.bits + self.d.numel() * 16

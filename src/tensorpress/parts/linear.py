@@ -68,6 +68,66 @@ class CompressedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, parts=[{kinds}]"
 
 
+class CompressedEmbedding(CompressedLinear):
+    """An input embedding table held as parts, a drop-in for ``nn.Embedding``: row ``i`` of the
+    ``(num_embeddings, embedding_dim)`` weight (``out`` x ``in`` of the parts) is token ``i``'s
+    vector, and a lookup decodes only the rows it reads. Quantized along each row, as llama.cpp
+    quantizes ``token_embd``."""
+
+    def __init__(self, parts: list[Part], padding_idx: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(parts, None)
+        self.padding_idx = padding_idx
+        self.out_dtype = dtype  # what the replaced nn.Embedding returned
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        rows = self.parts[0].dense_rows(unique)
+        for part in self.parts[1:]:
+            rows = rows + part.dense_rows(unique)
+        return rows[inverse].reshape(*ids.shape, self.in_features).to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        kinds = " + ".join(p.describe() for p in self.parts)
+        return f"num_embeddings={self.out_features}, embedding_dim={self.in_features}, parts=[{kinds}]"
+
+
+class TiedHead(nn.Module):
+    """An output head tied to a ``CompressedEmbedding``: ``logits = x @ table.T`` with the
+    table's own parts (nothing stored twice; the model's config keeps ``tie_word_embeddings``).
+    The table is referenced, not registered, so it is saved once, as the embedding."""
+
+    def __init__(self, table: CompressedEmbedding) -> None:
+        super().__init__()
+        self.__dict__["table"] = table
+
+    @property
+    def in_features(self) -> int:
+        return self.table.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.table.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.table.dense().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"tied to the embedding table ({self.out_features} x {self.in_features})"
+
+
 @contextlib.contextmanager
 def dense_weights_cached(module: nn.Module) -> Iterator[None]:
     """Inside the context, every ``CompressedLinear`` under ``module`` computes with a dense

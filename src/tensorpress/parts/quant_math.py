@@ -42,8 +42,8 @@ class QuantGrid:
     def maxq(self) -> int:
         return (1 << self.bits) - 1
 
-    def rows(self, rows: slice) -> QuantGrid:
-        """The grid of a range of output rows (for matrices quantized stacked)."""
+    def rows(self, rows: slice | torch.Tensor) -> QuantGrid:
+        """The grid of some output rows (a range, for matrices quantized stacked; an index, for lookups)."""
         zeros = None if self.zeros is None else self.zeros[rows].contiguous()
         return QuantGrid(self.scales[rows].contiguous(), zeros, self.bits, self.group_size, self.symmetric)
 

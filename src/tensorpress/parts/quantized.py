@@ -44,6 +44,9 @@ class QuantizedPart(CodesStorage, Part):
     def dense(self) -> torch.Tensor:
         return dequantize(self.codes, self.grid)
 
+    def dense_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return dequantize(self.codes[rows], self.grid.rows(rows))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # decode runs this once per linear per token: the kernel path does as little as it can
         mode = kernel_mode()

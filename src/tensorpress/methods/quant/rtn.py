@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from tensorpress.errors import RecipeError
 from tensorpress.methods.base import LayerInput, MethodConfig, matches, register_method
+from tensorpress.methods.quant.file_types import FileTypeName
 from tensorpress.parts import BlockPart, Part, QuantizedPart
 from tensorpress.parts.block_math import (
     K_FALLBACK,
@@ -54,6 +55,14 @@ class QuantSettings(MethodConfig):
         description="per-layer formats: {module-name pattern: format}, first match wins (llama.cpp's "
         "mixes, e.g. q6_k for attention values and FFN down projections in a q4_k_m file)",
     )
+    file_type: FileTypeName | None = Field(
+        None,
+        description="quantize every selected tensor onto the type llama.cpp's own quantizer gives it in a "
+        "file of this type (q4_0 .. q8_0, q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k): by role, block and row "
+        "width, as its llama-quant.cpp mixes them, so files compare at equal size; the engine resolves it "
+        "into format and format_overrides. A stage that also selects the embeddings and head gives them "
+        "llama.cpp's type too (one table when they are tied)",
+    )
     bits_overrides: dict[str, Annotated[int, Field(ge=2, le=8)]] = Field(
         default_factory=dict,
         description="per-layer widths: {module-name pattern: bits}, first match wins (filled in "
@@ -77,6 +86,12 @@ class QuantSettings(MethodConfig):
 
     @model_validator(mode="after")
     def _format_fixes_the_grid(self):
+        if self.file_type is not None:
+            clash = [k for k in (*_FORMAT_FIXES, "format", "format_overrides") if k in self.model_fields_set]
+            if clash:
+                raise ValueError(f"file_type: {self.file_type} chooses every tensor's llama.cpp type; drop "
+                                 f"{', '.join(clash)}")
+            return self
         if self.format is None and self.format_overrides:
             raise ValueError("format_overrides needs a format for the other layers")
         if self.format is not None:
@@ -90,6 +105,9 @@ class QuantSettings(MethodConfig):
         """The block format of the layer ``name`` (an override if one matches, else ``format``),
         llama.cpp's fallback where its rows do not split into the format's blocks; None
         without a format."""
+        if self.file_type is not None:
+            raise RecipeError(f"{name}: file_type {self.file_type} is resolved per tensor by the engine "
+                              "(tp.compress) before a method runs")
         if self.format is None:
             return None
         chosen = next((f for p, f in self.format_overrides.items() if matches(name, [p])), self.format)

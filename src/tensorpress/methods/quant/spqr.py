@@ -29,9 +29,9 @@ class SpQR(GPTQ):
 
     @model_validator(mode="after")
     def _no_format(self):
-        if self.format is not None:
-            raise ValueError("spqr keeps outliers beside a tensorpress grid; format (a llama.cpp type) "
-                             "applies to rtn, gptq and awq")
+        if self.format is not None or self.file_type is not None:
+            raise ValueError("spqr keeps outliers beside a tensorpress grid; format and file_type (llama.cpp "
+                             "types) apply to rtn, gptq and awq")
         return self
 
     def _run(self, layer: LayerInput, **extra) -> object:

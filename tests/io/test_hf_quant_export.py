@@ -242,6 +242,8 @@ def test_gptq_other_grids_and_dense_layers_go_in_dynamic(tmp_path, llama):
     assert (config["bits"], config["group_size"]) == (4, 32)
     assert config["dynamic"] == {r"+:^model\.layers\.1\.mlp\.down_proj$": {"bits": 8, "group_size": -1},
                                  r"-:^model\.layers\.0\.mlp\.down_proj$": {}}
+    (names,) = config["modules_in_block_to_quantize"]  # what transformers' loader reads instead
+    assert "model.layers.0.mlp.down_proj" not in names and len(names) == 13
     tensors = load_file(out / "model.safetensors")
     assert torch.equal(gptq_decode(tensors, "model.layers.1.mlp.down_proj", 8, True),
                        layers(lm)["model.layers.1.mlp.down_proj"].dense())
@@ -277,7 +279,11 @@ def test_gptq_loads_in_transformers_when_gptqmodel_is_installed(tmp_path, llama)
 
     lm = compress(llama, W4_G32)
     out = tp.io.export(lm, tmp_path / "gptq", format="gptq", dtype="f16")
-    loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    from transformers import GPTQConfig
+
+    # gptqmodel's pure-torch layer: its default CPU kernel takes only some shapes (and compiles first)
+    loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu",
+                                                  quantization_config=GPTQConfig(bits=4, backend="torch")).eval()
     ids = torch.randint(0, 100, (2, 16))
     with torch.no_grad():
         theirs = loaded(ids).logits.float()

@@ -17,11 +17,13 @@ and ``W[r, c] = scales[g, r] * (q[c, r] - z[g, r])`` with ``g = g_idx[c]``. Symm
 (zero ``2**(b-1)``) are written as v1; asymmetric ones as v2, since v1's ``z - 1`` cannot hold a
 zero point of 0. One ``bits`` / ``group_size`` for the checkpoint: layers on another grid are
 listed in the config's ``dynamic`` overrides (gptqmodel's per-module settings, ``+:`` regexes),
-linears left uncompressed as ``-:`` entries.
+linears left uncompressed as ``-:`` entries and, for transformers' loader (optimum, which does
+not read ``dynamic``), by ``modules_in_block_to_quantize`` naming every quantized linear.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import Counter
@@ -31,6 +33,8 @@ import torch
 
 from tensorpress.io.hf_quant import IntGrid, float_dtype, plan, write_checkpoint
 from tensorpress.models import LoadedModel
+
+log = logging.getLogger(__name__)
 
 BITS = (2, 4, 8)
 
@@ -88,6 +92,9 @@ def export_gptq(lm: LoadedModel, path: str | os.PathLike, *, dtype: str | None =
             dynamic[f"+:^{re.escape(name)}$"] = {"bits": b, "group_size": g}
     for name in sorted((set(planned.plain) - set(planned.grids) | set(planned.dense)) - {planned.head}):
         dynamic[f"-:^{re.escape(name)}$"] = {}
+    if any(k.startswith("+:") for k in dynamic):
+        log.warning("layers on other grids than %d-bit groups of %s are listed in the config's dynamic overrides, which "
+                    "gptqmodel's own loader reads and transformers' GPTQ loader (optimum) ignores", bits, group)
     from tensorpress import __version__
 
     config = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": symmetric, "desc_act": False,
@@ -95,5 +102,7 @@ def export_gptq(lm: LoadedModel, path: str | os.PathLike, *, dtype: str | None =
               "pack_dtype": "int32", "lm_head": False, "true_sequential": True, "damp_percent": 0.01,
               "static_groups": False, "dynamic": dynamic or None,
               "meta": {"quantizer": [f"tensorpress:{__version__}"]}}
+    if any(k.startswith("-:") for k in dynamic):  # optimum converts every block linear unless told which
+        config["modules_in_block_to_quantize"] = [sorted(planned.grids)]
     return write_checkpoint(lm, Path(path), overwrite=overwrite, dtype=torch_dtype, quantized=tensors,
                             quantization_config=config, extra_files={"quantize_config.json": config})

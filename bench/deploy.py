@@ -323,7 +323,8 @@ def main(argv=None) -> int:
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}"
     title = (f"{args.model}: P1, {windows.samples} windows x {args.seq_len} tokens (last 40 %), calibration "
-             f"{args.samples} x {args.seq_len}, seed 0 — llama.cpp via llama-cpp-python, no importance matrix")
+             f"{args.samples} x {args.seq_len}, seed 0 — llama.cpp via llama-cpp-python"
+             + (", importance matrix only in the rows that say so" if imatrix else ", no importance matrix"))
     table = Table(title=title, header_style="bold")
     for col in ("file", "MB", "b/w blocks", "llama.cpp ppl", "KL to f16", "KL vs llama.cpp", "top-1", "tensorpress ppl",
                 "ppl gap", "decode tok/s", "tensors"):

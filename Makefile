@@ -50,7 +50,7 @@ runtimes: install $(WHEELS)/.llama-cpp-stamp
 
 # transformers' GPTQ loader (optimum + gptqmodel) in a venv of its own: gptqmodel 7.7.0 asks for
 # torch>=2.14.1, so it goes in with --no-deps and its other requirements pinned beside torch 2.13.0,
-# which pip must keep (it is named on every line). About 2 minutes; gptqmodel's import needs the
+# which pip must keep (it is named on every line). 1 min 5 s here; gptqmodel's import needs the
 # PCRE2 headers (Debian's libpcre2-dev) to build PyPcre. bench/deploy.py loads GPTQ exports there.
 GPTQ_VENV := .venv-gptq
 GPTQ_DEPS := optimum==2.3.0 numpy==2.4.6 threadpoolctl==3.8.0 packaging==26.4 device-smi==0.5.7 \

@@ -200,14 +200,14 @@ def _selects_table(stage: MethodConfig, name: str) -> bool:
     return stage.selects(name) and any(p != "*" and matches(name, [p]) for p in stage.targets)
 
 
-def _head_stages(head: tuple[str, nn.Module] | None, recipe: Recipe, what: str = "LM head") -> list[MethodConfig]:
+def _head_stages(head: tuple[str, nn.Module] | None, recipe: Recipe, what: str = "LM head",
+                 selects=MethodConfig.selects) -> list[MethodConfig]:
     """The stages that select the LM head, or the input embeddings (none by default:
     ``lm_head`` and ``re:.*embed.*`` are in the default ``ignore``, and the embeddings need a
     targets pattern of their own). Only methods that need no calibration statistics can take
     them: the engine gathers statistics for block linears only."""
     if head is None:
         return []
-    selects = _selects_table if what == "input embeddings" else MethodConfig.selects
     chosen = [stage for stage in recipe.stages if selects(stage, head[0])]
     for stage in chosen:
         if stage.needs or stage.scales_inputs() or getattr(stage, "target_bits", None) is not None or stage.wants_allocation():
@@ -234,7 +234,7 @@ def _compress_embeddings(
         return
     name, module = table
     head = _head(model)
-    tied = head is not None and getattr(head[1], "weight", None) is module.weight
+    tied = _tied(head, table)
     holder = nn.Module()
     holder.table = nn.Linear(module.embedding_dim, module.num_embeddings, bias=False)
     holder.table.weight = module.weight
@@ -311,7 +311,7 @@ def compress(
     check_patterns(lm, model, recipe.stages, _outside(model))
     recipe = _resolve_file_types(lm, model, recipe, head, table)
     head_stages = _head_stages(head, recipe)
-    table_stages = _head_stages(table, recipe, "input embeddings")
+    table_stages = _head_stages(table, recipe, "input embeddings", _selects_table)
     if _tied(head, table) and head_stages and [id(s) for s in head_stages] == [id(s) for s in table_stages]:
         head_stages = []  # one table, compressed once as the embeddings; the head reads it
     needs_calib = any(stage.needs for stage in recipe.stages)  # block statistics, not only allocation

@@ -81,5 +81,5 @@ def export_compressed_tensors(lm: LoadedModel, path: str | os.PathLike, *, dtype
     qconfig = {"version": ct_version, "quant_method": "compressed-tensors", "sparsity_config": {},
                **config.model_dump(mode="json", exclude={"quant_method"})}
     return write_checkpoint(lm, Path(path), overwrite=overwrite, dtype=torch_dtype, quantized=tensors,
-                            quantization_config=qconfig)
+                            quantization_config=qconfig, classes=planned.classes)
 

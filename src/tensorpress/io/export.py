@@ -30,13 +30,14 @@ def source_classes(model: nn.Module) -> dict[str, type]:
     return {name: type(module) for name, module in reference.named_modules()}
 
 
-def dense_copy(model: nn.Module) -> nn.Module:
+def dense_copy(model: nn.Module, classes: dict[str, type] | None = None) -> nn.Module:
     """A copy of ``model`` with every ``CompressedLinear`` replaced by the layer transformers
     has there (``nn.Linear``; GPT-2's ``Conv1D``, which stores the weight transposed). The
     compressed layers themselves are not copied (nor their kernel caches): each maps straight
     to its dense replacement."""
     compressed = [(n, m) for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
-    classes = source_classes(model) if compressed else {}
+    if classes is None:  # (callers that already built them pass ``source_classes(model)``)
+        classes = source_classes(model) if compressed else {}
     memo = {}
     for name, module in compressed:
         weight = module.dense()

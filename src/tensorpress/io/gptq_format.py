@@ -105,4 +105,4 @@ def export_gptq(lm: LoadedModel, path: str | os.PathLike, *, dtype: str | None =
     if any(k.startswith("-:") for k in dynamic):  # optimum converts every block linear unless told which
         config["modules_in_block_to_quantize"] = [sorted(planned.grids)]
     return write_checkpoint(lm, Path(path), overwrite=overwrite, dtype=torch_dtype, quantized=tensors,
-                            quantization_config=config, extra_files={"quantize_config.json": config})
+                            quantization_config=config, classes=planned.classes, extra_files={"quantize_config.json": config})

@@ -43,6 +43,7 @@ class Planned:
     dense: list[str]  # compressed linears without codes of their own (pruned, low-rank, ...)
     plain: list[str]  # linears tensorpress left uncompressed
     head: str | None  # the output head's module name
+    classes: dict[str, type]  # transformers' module class at each name (``export.source_classes``)
 
 
 def float_dtype(dtype: str | None) -> torch.dtype:
@@ -93,7 +94,7 @@ def plan(lm: LoadedModel, fmt: str, dtype: torch.dtype, accepts: Callable[[IntGr
         log.warning("%d compressed layers hold no integer codes and are written dense (exact, at full size): %s",
                     len(dense), ", ".join(dense[:4]) + (", ..." if len(dense) > 4 else ""))
     head = lm.model.get_output_embeddings()
-    return Planned(grids, dense, plain, next((n for n, m in lm.model.named_modules() if m is head), None))
+    return Planned(grids, dense, plain, next((n for n, m in lm.model.named_modules() if m is head), None), classes)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -102,14 +103,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def write_checkpoint(lm: LoadedModel, path: Path, *, overwrite: bool, dtype: torch.dtype,
                      quantized: dict[str, dict[str, torch.Tensor]], quantization_config: dict,
-                     extra_files: dict[str, dict] | None = None) -> Path:
+                     classes: dict[str, type], extra_files: dict[str, dict] | None = None) -> Path:
     """Write ``lm`` as a ``from_pretrained`` directory in which the linears named in
     ``quantized`` hold the given tensors (``{name}.{key}``) instead of their ``weight``; every
     other tensor at ``dtype``. Atomic: a failed export leaves nothing."""
     from tensorpress.io.export import check_loadable, dense_copy
 
     check_loadable(lm)
-    model = dense_copy(lm.model)
+    model = dense_copy(lm.model, classes)
     state: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for key, tensor in model.state_dict().items():

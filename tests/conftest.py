@@ -90,6 +90,30 @@ def tiny_model(arch: str, seed: int = 0) -> LoadedModel:
     return LoadedModel(model, tokenizer, adapter_for(config.model_type), f"tiny-{arch}")
 
 
+def wide_model(arch: str = "llama", scale: float = 1.0) -> LoadedModel:
+    """A 2-block model 256 wide (FFN 512), so every linear splits into llama.cpp's 256-weight
+    K-quant blocks; ``scale`` multiplies the 2-D weights (distributions far from uniform)."""
+    if arch == "llama":
+        config = T.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=256, vocab_size=VOCAB)
+    elif arch == "gpt2":
+        config = T.GPT2Config(n_embd=256, n_layer=2, n_head=4, n_positions=256, vocab_size=VOCAB, bos_token_id=1,
+                              eos_token_id=2)
+    elif arch == "gpt_neox":
+        config = T.GPTNeoXConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=256, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(scale)
+    return LoadedModel(model, make_tokenizer(), adapter_for(config.model_type), f"wide-{arch}")
+
+
 @pytest.fixture(autouse=True)
 def _no_progress_bars():
     with progress_bars(False):

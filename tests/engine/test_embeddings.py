@@ -193,5 +193,5 @@ def test_file_type_resolves_per_tensor_and_fixes_the_grid():
     assert formats["model.embed_tokens"].startswith("q8_0")
     with pytest.raises(RecipeError, match="file_type: q4_k_m chooses every tensor"):
         tp.Recipe(stages=[{"method": "rtn", "file_type": "q4_k_m", "format": "q4_0"}])
-    with pytest.raises(RecipeError, match="file_type"):
-        tp.Recipe(stages=[{"method": "spqr", "file_type": "q4_k_m"}])
+    with pytest.raises(RecipeError, match="file_type: q4_k_m chooses every tensor"):
+        tp.Recipe(stages=[{"method": "spqr", "file_type": "q4_k_m", "bits": 3}])

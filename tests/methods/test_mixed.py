@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import tiny_model, wide_model
 
 import tensorpress as tp
-from conftest import tiny_model
 from tensorpress.errors import RecipeError
 from tensorpress.methods.quant.mixed import allocate_bits, fisher_diagonals, width_costs
 
@@ -86,3 +86,60 @@ def test_fisher_allocation_in_a_recipe_and_its_limits(text_path):
     calib = tp.data.TokenWindows(torch.randint(3, 300, (2, 16)), "random")
     with pytest.raises(RecipeError, match="sensitivity 'fisher' needs a causal language model"):
         tp.compress(encoder, tp.Recipe(stages=[{"method": "rtn", "target_bits": 3.5}]), calib)
+
+
+def test_allocation_orders_named_candidates_by_storage():
+    costs = {"a": {"q6_k": (1.0, 656), "q2_k": (100.0, 262)}, "b": {"q2_k": (2.0, 262), "q6_k": (1.0, 656)}}
+    assert allocate_bits(costs, {"a": 100, "b": 100}, 4.6) == {"a": "q6_k", "b": "q2_k"}
+    assert allocate_bits(costs, {"a": 100, "b": 100}, 2.7) == {"a": "q2_k", "b": "q2_k"}
+
+
+def test_format_costs_are_the_types_exact_bits_with_llama_cpps_fallback():
+    from tensorpress.methods.quant.mixed import format_costs
+
+    w = torch.randn(8, 512)
+    costs = format_costs(w, torch.ones(512), ["q2_k", "q3_k", "q4_k", "q6_k"], mse=False)
+    assert [costs[f][1] for f in ("q2_k", "q3_k", "q4_k", "q6_k")] == [8 * 512 * b for b in (2.625, 3.4375, 4.5, 6.5625)]
+    assert costs["q2_k"][0] > costs["q3_k"][0] > costs["q4_k"][0] > costs["q6_k"][0]
+    # rows of 96 are off the 256 grid: q2_k and q3_k both fall back to Q4_0 (costed once), q6_k to Q8_0
+    narrow = format_costs(torch.randn(8, 96), torch.ones(96), ["q2_k", "q3_k", "q6_k"], mse=False)
+    assert sorted(narrow) == ["q2_k", "q6_k"] and narrow["q2_k"][1] == 8 * 96 * 4.5 and narrow["q6_k"][1] == 8 * 96 * 8.5
+
+
+def test_format_choices_allocate_llama_cpp_types_that_export_exactly(tmp_path, text_path):
+    from collections import Counter
+
+    from tensorpress.io.headers import gguf_header
+    from tensorpress.parts import BlockPart
+
+    lm = wide_model("llama")
+    with torch.no_grad():  # one layer far more sensitive than the others
+        lm.model.model.layers[1].mlp.gate_proj.weight[:, :8] *= 30
+    calib = tp.data.calibration(lm, text_path, samples=4, seq_len=32)
+    formats = ["q2_k", "q3_k", "q4_k", "q6_k"]
+    res = tp.compress(lm, tp.Recipe(stages=[{"method": "gptq", "target_bits": 3.6, "format_choices": formats,
+                                             "sensitivity": "activations"}]), calib)
+    assert 3.3 < res.bits_per_weight <= 3.6
+    chosen = {name: layer.parts[0] for name, layer in res.model.model.named_modules() if hasattr(layer, "parts")}
+    assert all(isinstance(p, BlockPart) for p in chosen.values()) and len(chosen) == 14
+    kinds = Counter(p.fmt.name for p in chosen.values())
+    assert set(kinds) <= set(formats) and len(kinds) > 1
+    assert chosen["model.layers.1.mlp.gate_proj"].fmt.name == "q6_k"
+    stage = res.recipe.stages[0]
+    assert stage.target_bits is None and stage.format_choices is None and len(stage.format_overrides) == 14
+    # the GGUF holds every chosen type as it is (export checks each tensor bit for bit)
+    types = Counter(k for k, _ in gguf_header(tp.io.export(res, tmp_path / "m.gguf", format="gguf"))["tensors"].values())
+    assert {k.lower(): n for k, n in types.items() if k.lower() in formats} == dict(kinds)
+    again = tp.load_compressed(res.save(tmp_path / "ckpt"))  # the resolved recipe loads back
+    ids = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(again.model(ids).logits, res.model.model(ids).logits)
+
+
+def test_format_choices_settings_are_checked():
+    with pytest.raises(RecipeError, match="set target_bits"):
+        tp.Recipe(stages=[{"method": "rtn", "format_choices": ["q4_k", "q6_k"]}])
+    with pytest.raises(RecipeError, match="drop bits"):
+        tp.Recipe(stages=[{"method": "rtn", "target_bits": 4, "format_choices": ["q4_k", "q6_k"], "bits": 4}])
+    with pytest.raises(RecipeError, match="q7_k"):
+        tp.Recipe(stages=[{"method": "rtn", "target_bits": 4, "format_choices": ["q4_k", "q7_k"]}])

@@ -99,8 +99,8 @@ def test_format_settings_conflict_and_refusals():
         tp.Recipe(stages=[{"method": "rtn", "format": "q4_k", "bits": 3}])
     with pytest.raises(RecipeError, match="needs a format"):
         tp.Recipe(stages=[{"method": "gptq", "format_overrides": {"v_proj": "q6_k"}}])
-    with pytest.raises(RecipeError, match="spqr"):
-        tp.Recipe(stages=[{"method": "spqr", "format": "q4_0"}])
+    with pytest.raises(RecipeError, match="fixes the grid; drop group_size"):
+        tp.Recipe(stages=[{"method": "spqr", "format": "q4_0", "group_size": 64}])
 
 
 def test_rtn_format_on_a_model(tiny_llama):

@@ -42,7 +42,12 @@ from tensorpress.methods import LayerInput, MethodConfig
 from tensorpress.methods.base import matches
 from tensorpress.methods.quant.file_types import BASE as FILE_TYPE_BASE
 from tensorpress.methods.quant.file_types import tensor_format
-from tensorpress.methods.quant.mixed import allocate_bits, fisher_diagonals, width_costs
+from tensorpress.methods.quant.mixed import (
+    allocate_bits,
+    fisher_diagonals,
+    format_costs,
+    width_costs,
+)
 from tensorpress.methods.structural import is_structural
 from tensorpress.methods.structural.depth import LinearBridge, bridge_indices
 from tensorpress.models import LoadedModel
@@ -480,18 +485,28 @@ def _allocate_widths(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: T
         else:
             stats = _whole_model_stats(lm, model, per_block, frozenset({"act_sq"}), windows, batch_size, "measuring layer sensitivities")
             importance = {name: st["act_sq"] / max(st["tokens"], 1) for name, st in stats.items()}
+        formats = getattr(stage, "format_choices", None)
         costs, numel = {}, {}
-        for name, module in names.items():
-            weight = weight_of(module)
-            costs[name] = width_costs(weight, importance[name], stage.bit_choices, stage.group_size, stage.symmetric)
-            numel[name] = weight.numel()
         try:
+            for name, module in names.items():
+                weight = weight_of(module)
+                if formats:
+                    costs[name] = format_costs(weight, importance[name], formats, stage.mse)
+                else:
+                    costs[name] = width_costs(weight, importance[name], stage.bit_choices, stage.group_size, stage.symmetric)
+                numel[name] = weight.numel()
             widths = allocate_bits(costs, numel, stage.target_bits)
         except ValueError as exc:
             raise RecipeError(f"stage {index + 1} ({stage.name}): {exc}") from None
-        counts = {b: sum(1 for w in widths.values() if w == b) for b in sorted(set(widths.values()))}
-        log.info("stage %d (%s): widths for %.3f bits/weight: %s", index + 1, stage.name, stage.target_bits, counts)
-        stages[index] = stage.model_copy(update={"bits_overrides": widths, "target_bits": None})
+        counts = dict(sorted(Counter(widths.values()).items()))
+        log.info("stage %d (%s): %s for %.3f bits/weight: %s", index + 1, stage.name,
+                 "llama.cpp types" if formats else "widths", stage.target_bits, counts)
+        if formats:  # each layer's chosen type by its exact name; the most common one for the rest
+            update = {"format": counts and max(counts, key=counts.get), "format_choices": None, "target_bits": None,
+                      "format_overrides": {f"re:{re.escape(name)}": fmt for name, fmt in widths.items()}}
+        else:
+            update = {"bits_overrides": widths, "target_bits": None}
+        stages[index] = stage.model_copy(update=update)
     return recipe.model_copy(update={"stages": stages})
 
 

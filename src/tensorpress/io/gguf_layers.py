@@ -36,7 +36,7 @@ from tensorpress.io.gguf_blocks import (
     encode_blocks,
     holds,
 )
-from tensorpress.parts import BlockPart, CompressedLinear, QuantizedPart
+from tensorpress.parts import BlockPart, CompressedLinear, QuantizedPart, SparsePart
 from tensorpress.parts.dense import DensePart
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,10 @@ def choose(layer: CompressedLinear) -> Choice:
         qtype = GGMLQuantizationType[parts[0].fmt.name.upper()]
         return Choice(qtype, True, True, blocks=parts[0])
     if len(parts) != 1 or not isinstance(parts[0], QuantizedPart):
-        return Choice(fallback, False, False, why="only a layer of one quantized part has a ggml block type")
+        why = "only a layer of one quantized part has a ggml block type"
+        if any(isinstance(p, SparsePart) for p in parts):
+            why += " (SpQR's outliers are a sparse part beside the grid, which llama.cpp has no tensor for)"
+        return Choice(fallback, False, False, why=why)
     part = parts[0]
     grid = block_grid(part.codes, part.scales, part.grid.zero_points(), part.group_size)
     if grid is None:
@@ -168,3 +171,22 @@ def encoded(name: str, layer: CompressedLinear, choice: Choice,
     error = float((decoded(data, Q8_0) - weight).norm() / weight.norm().clamp(min=1e-30))
     log.info("%s (%s): re-quantized to Q8_0, relative error %.2e", name, kinds, error)
     return data, Q8_0, f"({kinds}) re-quantized to Q8_0 by llama.cpp's rounding (8.5 bits/weight, not exact)"
+
+
+def requantized_weights(model: nn.Module, dtype: GGMLQuantizationType) -> dict[str, torch.Tensor]:
+    """``{module name: float32 (out, in) weight}`` as llama.cpp will hold it, for the layers
+    ``requantize`` changes (re-quantized to Q8_0, or written dequantized at ``dtype``); layers
+    written exactly, widened or not, are left out. What a GGUF export with ``requantize`` costs
+    is the difference between ``model`` and ``model`` with these weights."""
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, CompressedLinear) or _dense_only(module):
+            continue
+        choice = choose(module)
+        if choice.exact:
+            continue
+        if choice.qtype is None:
+            out[name] = module.dense().to(_TORCH[dtype]).float()
+        else:
+            out[name] = decoded(gguf.quants.quantize(module.dense().numpy(), choice.qtype), choice.qtype)
+    return out

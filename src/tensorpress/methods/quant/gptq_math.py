@@ -20,7 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from tensorpress.parts.block_math import BlockGrid, nearest_codes
-from tensorpress.parts.quant_math import QuantGrid, compute_grid, compute_grid_mse, effective_group
+from tensorpress.parts.quant_math import (
+    QuantGrid,
+    compute_grid,
+    compute_grid_mse,
+    effective_group,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +97,8 @@ def gptq(
 
     ``fixed``: a block-format grid (``parts.block_math``) chosen up front from the original
     weights; the column loop places codes on it (``bits``, ``group_size``, ``symmetric`` unused),
-    in decreasing-Hessian-diagonal order with ``act_order``."""
-    if fixed is not None and outlier_mask is not None:
-        raise ValueError("outlier-aware GPTQ has no block-format grid")
+    in decreasing-Hessian-diagonal order with ``act_order``. With ``outlier_mask`` too, the grid
+    should have been fitted with the outliers out of the ranges (as ``SpQR`` does)."""
     w = weight.detach().float().clone()
     out_f, n = w.shape
     h = xtx.detach().double().clone()
@@ -161,6 +165,10 @@ def gptq(
                 deq = col_scale[col] * table[q.long()]
                 if col_offset is not None:
                     deq = deq + col_offset[col]
+                if fixes_t is not None:
+                    fix = torch.where(keep_t[col], (x - deq).half().float(), 0.0)
+                    fixes_t[col] = fix
+                    deq = deq + fix
                 err = torch.sub(x, deq).div_(diag[col])
                 if sens_t is not None:
                     sens_t[col] = err.square()

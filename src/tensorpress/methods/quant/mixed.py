@@ -10,7 +10,9 @@ Each layer's sensitivity to a bit width is its RTN error weighted per weight by 
   output error were its inputs uncorrelated (not comparable across layers, but needs no
   gradients and works for encoders).
 
-Its cost is the exact storage of that width (codes, scales, zero points). A greedy allocation starts every layer at the narrowest width and repeatedly
+Its cost is the exact storage of that width (codes, scales, zero points). With ``format_choices``
+the candidates are llama.cpp types instead (``format_costs``: the type's own two-level grid and
+its exact bits per weight), so the allocation's result exports to GGUF as it is. A greedy allocation starts every layer at the narrowest width and repeatedly
 upgrades the layer with the largest error reduction per extra bit until the budget
 ``target * total weights`` would be exceeded.
 """
@@ -20,7 +22,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tensorpress.parts import QuantizedPart
+from tensorpress.parts import BlockPart, QuantizedPart
+from tensorpress.parts.block_math import (
+    block_format,
+    fit_block_grid,
+    format_for_width,
+    quantize_to_blocks,
+)
 from tensorpress.parts.quant_math import quantize_rtn
 from tensorpress.progress import track
 
@@ -36,6 +44,29 @@ def width_costs(
         part = QuantizedPart(*quantize_rtn(weight, bits, group_size, symmetric))
         err = ((part.dense() - weight.float()).square() * importance).sum().item()
         out[bits] = (err, part.nbits())
+    return out
+
+
+def format_costs(
+    weight: torch.Tensor, importance: torch.Tensor, formats: list[str], mse: bool
+) -> dict[str, tuple[float, int]]:
+    """``{format: (weighted error, storage bits)}`` of one layer for every candidate llama.cpp
+    type, each on llama.cpp's fallback where the rows do not split into its blocks (a layer
+    whose rows split into none of them is an error). Candidates that resolve to the same
+    type are costed once, under the first name."""
+    out, seen = {}, set()
+    importance = importance.float()
+    for name in formats:
+        fmt = format_for_width(block_format(name), weight.shape[1])
+        if fmt is None:
+            raise ValueError(f"rows of {weight.shape[1]} weights split into no block of {name} or its fallback")
+        if fmt.name in seen:
+            continue
+        seen.add(fmt.name)
+        grid = fit_block_grid(weight, fmt, mse)
+        part = BlockPart(quantize_to_blocks(weight, grid), grid)
+        err = ((part.dense() - weight.float()).square() * importance).sum().item()
+        out[name] = (err, part.nbits())
     return out
 
 
@@ -63,10 +94,11 @@ def fisher_diagonals(model: nn.Module, weights: dict[str, torch.Tensor], windows
     return {name: f / len(windows) for name, f in fisher.items()}
 
 
-def allocate_bits(costs: dict[str, dict[int, tuple[float, int]]], numel: dict[str, int], target: float) -> dict[str, int]:
-    """Greedy allocation of widths per layer under ``target`` average bits per weight."""
+def allocate_bits(costs: dict[str, dict], numel: dict[str, int], target: float) -> dict:
+    """Greedy allocation of a candidate per layer (a width, or a llama.cpp type) under
+    ``target`` average bits per weight; candidates are ordered by their storage."""
     budget = target * sum(numel.values())
-    choice = {name: min(c) for name, c in costs.items()}
+    choice = {name: min(c, key=lambda k, c=c: c[k][1]) for name, c in costs.items()}
     spent = sum(costs[n][b][1] for n, b in choice.items())
     if spent > budget:
         raise ValueError(
@@ -76,7 +108,8 @@ def allocate_bits(costs: dict[str, dict[int, tuple[float, int]]], numel: dict[st
     while True:
         best = None
         for name, bits in choice.items():
-            wider = [b for b in sorted(costs[name]) if b > bits]
+            wider = sorted((b for b in costs[name] if costs[name][b][1] > costs[name][bits][1]),
+                           key=lambda b, c=costs[name]: c[b][1])
             if not wider:
                 continue
             nxt = wider[0]

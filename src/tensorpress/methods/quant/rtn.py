@@ -19,7 +19,12 @@ from tensorpress.parts.block_math import (
     format_for_width,
     quantize_to_blocks,
 )
-from tensorpress.parts.quant_math import compute_grid, compute_grid_mse, dequantize, quantize_with_grid
+from tensorpress.parts.quant_math import (
+    compute_grid,
+    compute_grid_mse,
+    dequantize,
+    quantize_with_grid,
+)
 
 FormatName = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 # settings a format fixes: setting them too is a contradiction, not a preference
@@ -76,6 +81,14 @@ class QuantSettings(MethodConfig):
         "(scales and zeros included) meets this target; needs calibration data",
     )
     bit_choices: list[Annotated[int, Field(ge=2, le=8)]] = Field(default_factory=lambda: [2, 3, 4, 8], description="widths the allocation may pick")
+    format_choices: list[FormatName] | None = Field(
+        None,
+        min_length=2,
+        description="with target_bits: the llama.cpp types the allocation may pick per layer (e.g. [q2_k, q3_k, "
+        "q4_k, q6_k]) instead of bit_choices, each costed at its exact bits (super-block scales included, "
+        "llama.cpp's fallback for rows off its blocks), so the result exports to GGUF exactly; the engine "
+        "resolves it into format and format_overrides",
+    )
     allocation_samples: int = Field(16, ge=1, description="calibration windows used to measure layer sensitivities")
     sensitivity: Literal["fisher", "activations"] = Field(
         "fisher",
@@ -92,10 +105,19 @@ class QuantSettings(MethodConfig):
                 raise ValueError(f"file_type: {self.file_type} chooses every tensor's llama.cpp type; drop "
                                  f"{', '.join(clash)}")
             return self
+        if self.format_choices is not None:
+            if self.target_bits is None:
+                raise ValueError("format_choices are the types the target_bits allocation picks from; set target_bits")
+            clash = [k for k in ("format", "format_overrides", "bits", "group_size", "symmetric", "bits_overrides",
+                                 "bit_choices") if k in self.model_fields_set]
+            if clash:
+                raise ValueError(f"format_choices lets the allocation choose each layer's llama.cpp type; drop "
+                                 f"{', '.join(clash)}")
+            return self
         if self.format is None and self.format_overrides:
             raise ValueError("format_overrides needs a format for the other layers")
-        if self.format is not None:
-            clash = [k for k in _FORMAT_FIXES if k in self.model_fields_set]
+        if self.format is not None:  # (None: an allocation's resolved copy saved with the choice it replaced)
+            clash = [k for k in _FORMAT_FIXES if k in self.model_fields_set and getattr(self, k) not in (None, {})]
             if clash:
                 raise ValueError(f"format: {self.format} fixes the grid; drop {', '.join(clash)} "
                                  "(or drop format for a tensorpress grid)")

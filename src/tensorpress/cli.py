@@ -7,7 +7,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import click
 import torch
@@ -35,7 +35,7 @@ ModelArg = Annotated[str, typer.Argument(help="built-in name (smollm2-135m, mini
 DataOpt = Annotated[Path, typer.Option("--data", help="evaluation text (UTF-8); its last 40 % is used (protocol P1)")]
 WindowsOpt = Annotated[int, typer.Option("--windows", min=1, help="evaluation windows")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="tokens per window")]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="also write the report as JSON here")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="also write the report as JSON here")]
 
 
 def _version(value: bool) -> None:
@@ -52,7 +52,7 @@ def _root(
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _write_json(path: Optional[Path], payload: dict) -> None:
+def _write_json(path: Path | None, payload: dict) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
@@ -63,7 +63,7 @@ def _write_json(path: Optional[Path], payload: dict) -> None:
 def compress(
     model: ModelArg = "smollm2-135m",
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="built-in recipe name or YAML path")] = "rtn-w4g128",
-    output: Annotated[Optional[Path], typer.Option("--out", "-o", help="checkpoint directory [default: out/MODEL-RECIPE]")] = None,
+    output: Annotated[Path | None, typer.Option("--out", "-o", help="checkpoint directory [default: out/MODEL-RECIPE]")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
     calib: Annotated[str, typer.Option("--calib", help="'generated', a text file, or hf:<dataset>[:<config>]:<split>")] = "generated",
     samples: Annotated[int, typer.Option("--samples", min=1, help="calibration windows")] = 128,
@@ -133,7 +133,7 @@ def _load_any(spec: str):
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="a tensorpress checkpoint directory, or any model spec")],
-    reference: Annotated[Optional[str], typer.Option("--reference", help="model to compare with [default: a checkpoint's base model]")] = None,
+    reference: Annotated[str | None, typer.Option("--reference", help="model to compare with [default: a checkpoint's base model]")] = None,
     no_reference: Annotated[bool, typer.Option("--no-reference", help="perplexity only")] = False,
     data: DataOpt = DEFAULT_TEXT,
     windows: WindowsOpt = 40,
@@ -313,11 +313,16 @@ def export(
     fmt: Annotated[Literal["hf", "gguf", "compressed-tensors", "gptq"], typer.Option(
         "--format", help="hf: a transformers directory (dequantized); gguf: a llama.cpp file; compressed-tensors "
         "(vLLM, llm-compressor) or gptq: a quantized transformers directory")] = "hf",
-    dtype: Annotated[Optional[Literal["f16", "bf16", "f32"]], typer.Option(
+    dtype: Annotated[Literal["f16", "bf16", "f32"] | None, typer.Option(
         "--dtype", help="not hf: type of the uncompressed weights, and of the scales in the quantized "
         "directories (default f16)")] = None,
     requantize: Annotated[bool, typer.Option("--requantize", help="gguf: write layers without an exact ggml type of "
-                                             "their own in a wider exact one, else re-quantized to Q8_0")] = False,
+                                             "their own in a wider exact one, else re-quantized to Q8_0, and "
+                                             "print the KL that costs on --data")] = False,
+    data: Annotated[str, typer.Option("--data", help="with --requantize: text on which the cost is measured "
+                                      "(P1 windows from its last 40 %)")] = str(DEFAULT_TEXT),
+    cost_windows: Annotated[int, typer.Option("--cost-windows", min=1, help="with --requantize: windows of 256 "
+                                              "tokens the cost is measured on")] = 8,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output")] = False,
 ) -> None:
     """Write a checkpoint or model as a plain Hugging Face model directory (compressed linears
@@ -355,6 +360,30 @@ def export(
     types = Counter(kind for kind, _ in gguf_header(output)["tensors"].values())
     listed = ", ".join(f"{n} {kind}" for kind, n in sorted(types.items()))
     out.print(f"wrote {output}: {output.stat().st_size / 1e6:.2f} MB, tensors {listed} (load it with llama.cpp)")
+    if requantize:
+        _print_requantize_cost(lm, data, cost_windows, dtype or "f16")
+
+
+def _print_requantize_cost(lm, data: str, windows: int, dtype: str) -> None:
+    """The KL the export's re-quantized layers cost, measured on ``windows`` of ``data``."""
+    from tensorpress.eval.quality import requantize_cost
+
+    cost = requantize_cost(lm, None, dtype)
+    if not cost.layers:
+        out.print("--requantize changed no weights: every layer was written exactly")
+        return
+    if not lm.causal:
+        out.print(f"--requantize changed {len(cost.layers)} layers ({', '.join(cost.layers[:3])}"
+                  f"{', ...' if len(cost.layers) > 3 else ''}); KL is measured on causal models only")
+        return
+    from tensorpress.data.sources import context_length
+
+    win = tp.data.evaluation(lm, data, seq_len=min(256, context_length(lm.model) or 256), windows=windows)
+    q = requantize_cost(lm, win, dtype).quality
+    out.print(f"--requantize changed {len(cost.layers)} layers ({', '.join(cost.layers[:3])}"
+              f"{', ...' if len(cost.layers) > 3 else ''}): KL {q.kl:.3e} nats/token to the model as tensorpress "
+              f"holds it, top-1 agreement {100 * q.top1_agreement:.2f} %, perplexity {q.reference_perplexity:.4f} -> "
+              f"{q.perplexity:.4f} ({win.samples} windows x {win.seq_len} tokens of {win.source})")
 
 
 @app.command()

@@ -16,10 +16,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model, wide_model
 from typer.testing import CliRunner
 
 import tensorpress as tp
-from conftest import tiny_model
 from tensorpress.cli import app, main
 from tensorpress.errors import ExportError, OutputExistsError
 from tensorpress.io import gguf as gguf_export
@@ -125,8 +125,8 @@ def test_uncompressed_model_exports_at_dtype(tmp_path, models):
 
 def test_tied_embeddings_omit_the_output_tensor(tmp_path):
     import transformers as T
-
     from conftest import make_tokenizer
+
     from tensorpress.models import LoadedModel, adapter_for
 
     config = T.Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -244,6 +244,37 @@ def test_requantize_widens_exactly_or_requantizes(tmp_path, models, caplog):
     assert (values - weight).abs().max() <= weight.abs().max() / 127  # llama.cpp's own Q8_0 rounding
 
 
+def test_requantize_cost_is_the_written_files_kl(tmp_path, models, text_path):
+    """The KL ``requantize`` reports is that of the file: transformers reading the float32
+    export back runs the same model the cost was measured on."""
+    from tensorpress.eval.quality import causal_quality, requantize_cost
+
+    windows = tp.data.evaluation(models["llama"], text_path, seq_len=64, windows=3)
+    exact = requantize_cost(compressed(models["llama"], W3), windows)  # widened to Q4_0: nothing changes
+    assert exact.layers == [] and exact.quality is None
+    lm = compressed(models["llama"], {**W4, "group_size": 48})
+    cost = requantize_cost(lm, windows, dtype="f32")
+    assert len(cost.layers) == 14 and "model.layers.0.mlp.up_proj" in cost.layers
+    assert cost.quality.kl > 0 and cost.quality.top1_agreement > 0.5
+    back = tp.load_model(str(export_gguf(lm, tmp_path / "g48.gguf", dtype="f32", requantize=True)))
+    measured = causal_quality(back.model, windows, reference=lm.model)
+    assert measured.kl == pytest.approx(cost.quality.kl, rel=1e-4, abs=1e-9)
+    assert measured.perplexity == pytest.approx(cost.quality.perplexity, rel=1e-5)
+
+
+def test_cli_requantize_prints_its_cost(tmp_path, models, text_path):
+    ckpt = tp.compress(models["llama"], tp.Recipe(stages=[{**W4, "group_size": 48}])).save(tmp_path / "ckpt")
+    done = CliRunner().invoke(app, ["export", str(ckpt), str(tmp_path / "m.gguf"), "--format", "gguf", "--requantize",
+                                    "--data", str(text_path), "--cost-windows", "2"], terminal_width=250)
+    assert done.exit_code == 0, done.output
+    assert "--requantize changed 14 layers" in done.output and "KL " in done.output and "top-1 agreement" in done.output
+    ckpt = tp.compress(models["llama"], tp.Recipe(stages=[W3])).save(tmp_path / "w3")
+    done = CliRunner().invoke(app, ["export", str(ckpt), str(tmp_path / "w3.gguf"), "--format", "gguf", "--requantize",
+                                    "--data", str(text_path)], terminal_width=250)
+    assert done.exit_code == 0, done.output
+    assert "changed no weights" in done.output
+
+
 def test_the_check_catches_a_missing_permutation(tmp_path, models, monkeypatch):
     lm = compressed(models["llama"], W4)
     monkeypatch.setattr(gguf_export, "rope_rows", lambda n_rows, n_heads: torch.arange(n_rows))
@@ -277,11 +308,6 @@ def test_output_path_rules(tmp_path, models):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary files left
 
 
-def test_unsupported_family_is_named(tmp_path):
-    with pytest.raises(ExportError, match="this is a 'gpt2' model"):
-        export_gguf(tiny_model("gpt2"), tmp_path / "g.gguf")
-
-
 def test_cli_export_gguf_and_hf(tmp_path, models, capsys):
     result = tp.compress(models["llama"], tp.Recipe(stages=[W4]))
     ckpt = result.save(tmp_path / "ckpt")
@@ -306,7 +332,11 @@ def test_cli_export_gguf_and_hf(tmp_path, models, capsys):
 def test_pre_tokenizer_names_from_tokenizer_structure():
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-    from tensorpress.io.gguf_vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT, pre_tokenizer_name
+    from tensorpress.io.gguf_vocab import (
+        _LLAMA3_SPLIT,
+        _QWEN2_SPLIT,
+        pre_tokenizer_name,
+    )
 
     def name(pre):
         tok = Tokenizer(models.BPE())
@@ -335,15 +365,7 @@ ALL_FORMATS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "q2_k", "q3_k",
 @pytest.fixture(scope="module")
 def wide_llama():
     """Rows of 256 and 512 weights: every linear splits into the K formats' 256-weight blocks."""
-    import transformers as T
-
-    from conftest import make_tokenizer
-    from tensorpress.models import LoadedModel, adapter_for
-
-    config = T.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256, vocab_size=320)
-    torch.manual_seed(0)
-    return LoadedModel(T.AutoModelForCausalLM.from_config(config).eval(), make_tokenizer(), adapter_for("llama"), "wide")
+    return wide_model("llama")
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)

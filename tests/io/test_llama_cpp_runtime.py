@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import wide_model
 
 import tensorpress as tp
 
@@ -17,21 +18,8 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
 
 
 @pytest.fixture(scope="module")
-def wide(request):
-    import transformers as T
-
-    from conftest import make_tokenizer
-    from tensorpress.models import LoadedModel, adapter_for
-
-    config = T.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256, vocab_size=320)
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # larger weights than the default init: distributions far from uniform
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    return LoadedModel(model, make_tokenizer(), adapter_for("llama"), "wide")
+def wide():
+    return wide_model("llama", scale=4.0)
 
 
 def log_probs(logits: np.ndarray) -> np.ndarray:
@@ -70,6 +58,25 @@ def test_llama_cpp_runs_the_export_as_tensorpress_does(tmp_path, wide, fmt):
         assert kl(dense, theirs) > 2 * divergence
 
 
+@pytest.mark.parametrize("fmt", [None, "q4_0"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_llama_cpp_runs_gpt2_and_gpt_neox_exports(tmp_path, arch, fmt):
+    """GPT-2 (Conv1D weights transposed, learned positions) and GPT-NeoX (q/k/v regrouped,
+    partial rotary, parallel residual) run in llama.cpp as in tensorpress."""
+    wide = wide_model(arch, scale=4.0)
+    lm = wide if fmt is None else tp.compress(wide, tp.Recipe(stages=[{"method": "rtn", "format": fmt}])).model
+    path = tp.io.export(lm, tmp_path / "m.gguf", format="gguf", dtype="f32")
+    ids = torch.randint(3, 300, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        ours = log_probs(lm.model(torch.tensor([ids])).logits[0].numpy())
+        dense = log_probs(wide.model(torch.tensor([ids])).logits[0].numpy())
+    theirs = llama_cpp_log_probs(path, ids)
+    divergence = kl(ours, theirs)
+    assert divergence < (1e-5 if fmt is None else 2e-3), divergence
+    if fmt is not None:
+        assert kl(dense, theirs) > 10 * divergence
+
+
 def test_llama_cpp_sees_a_missing_permutation(tmp_path, wide, monkeypatch):
     """The q/k row order is what llama.cpp itself needs: without it, the float32 file runs a
     different model there."""
@@ -101,8 +108,8 @@ def mixed_widths():
     """16 blocks (so the _M mixes' choice by block index shows), rows of 320 (off the 256 grid:
     llama.cpp's fallbacks) and 512, a tied head."""
     import transformers as T
-
     from conftest import make_tokenizer
+
     from tensorpress.models import LoadedModel, adapter_for
 
     config = T.LlamaConfig(hidden_size=320, intermediate_size=512, num_hidden_layers=16, num_attention_heads=5,
@@ -139,3 +146,40 @@ def copy_untied(model):
     model.config.tie_word_embeddings = False
     model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone() * 0.5)
     return model
+
+
+def llama_cpp_hidden(path, text: str) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's tokens and per-token output states (no pooling) of an encoder GGUF."""
+    llm = llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=256, n_threads=2, verbose=False,
+                          pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
+    try:
+        return llm.tokenize(text.encode()), np.array(llm.embed(text, normalize=False))
+    finally:
+        llm.close()
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.mark.parametrize("fmt", [None, "q8_0", "q4_0"])
+def test_llama_cpp_runs_a_bert_export_as_tensorpress_does(tmp_path, fmt):
+    """The real all-MiniLM-L6-v2 (its WordPiece vocabulary as llama.cpp's WPM one): the same
+    tokens, and per-token states as tensorpress computes them (float32: up to llama.cpp's
+    tanh GELU against BERT's erf one)."""
+    try:
+        base = tp.load_model("minilm-l6")
+    except tp.errors.ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    lm = base if fmt is None else tp.compress(base, tp.Recipe(stages=[{"method": "rtn", "format": fmt}])).model
+    path = tp.io.export(lm, tmp_path / "m.gguf", format="gguf", dtype="f32")
+    text = "Compression keeps a model's answers while its weights shrink, unbelievably: 4 bits per weight."
+    ids, theirs = llama_cpp_hidden(path, text)
+    assert ids == lm.tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        ours = lm.model(torch.tensor([ids])).last_hidden_state[0].numpy()
+        dense = base.model(torch.tensor([ids])).last_hidden_state[0].numpy()
+    agreement = _cosines(ours, theirs)
+    assert agreement.min() > (0.9999 if fmt is None else 0.999), agreement.min()
+    if fmt == "q4_0":  # it runs the quantized model, not the float one
+        assert (1 - _cosines(dense, theirs)).mean() > 5 * (1 - agreement).mean()

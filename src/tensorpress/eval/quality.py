@@ -122,3 +122,29 @@ def max_output_difference(model_a: nn.Module, model_b: nn.Module, input_ids: tor
         return o.logits if hasattr(o, "logits") and o.logits is not None else o.last_hidden_state
 
     return (out(model_a) - out(model_b)).abs().max().item()
+
+
+@dataclass
+class RequantizeCost:
+    layers: list[str]  # the layers a GGUF export with requantize changes
+    quality: CausalQuality | None  # the model as llama.cpp will hold it, against the model itself
+
+
+def requantize_cost(lm, windows: TokenWindows | None, dtype: str = "f16") -> RequantizeCost:
+    """What ``requantize`` costs a GGUF export of ``lm``: its layers without an exact ggml type,
+    re-quantized with llama.cpp's rounding (or written dequantized at ``dtype``), measured as
+    ``KL(P_lm || P_written)`` and top-1 agreement on ``windows`` (no model run without such
+    layers, or without windows)."""
+    from tensorpress.io.export import dense_copy
+    from tensorpress.io.gguf import DTYPES
+    from tensorpress.io.gguf_layers import requantized_weights
+
+    changed = requantized_weights(lm.model, DTYPES[dtype])
+    if not changed or windows is None:
+        return RequantizeCost(sorted(changed), None)
+    written = dense_copy(lm.model)
+    for name, weight in changed.items():
+        layer = written.get_submodule(name)
+        with torch.no_grad():  # nn.Linear (out, in); GPT-2's Conv1D (in, out)
+            layer.weight.copy_(weight if layer.weight.shape == weight.shape else weight.T)
+    return RequantizeCost(sorted(changed), causal_quality(written, windows, reference=lm.model))

@@ -1,9 +1,12 @@
 """Export to GGUF, the file format of llama.cpp, without re-quantizing what tensorpress chose.
 
-Supported: the Llama family as llama.cpp's ``convert_hf_to_gguf.py`` converts it — model types
-``llama`` and ``mistral`` (GGUF architecture ``llama``, q/k rows permuted), ``qwen2`` and
-``qwen3`` (their own architectures, no permutation) — with byte-level BPE tokenizers (see
-``gguf_vocab``). Anything else is an ``ExportError`` naming what is not supported.
+Supported: the architectures as llama.cpp's ``convert_hf_to_gguf.py`` converts them — model
+types ``llama`` and ``mistral`` (GGUF architecture ``llama``, q/k rows permuted), ``qwen2`` and
+``qwen3`` (their own architectures, no permutation), ``gpt2`` (``Conv1D`` weights transposed,
+learned positions) and ``gpt_neox`` (the fused q/k/v rows regrouped from per head to
+``[q | k | v]``, partial rotary, parallel residual) — with byte-level BPE tokenizers (see
+``gguf_vocab``). Anything else (OPT, which llama.cpp has no architecture for; BERT, whose
+WordPiece vocabulary is not written) is an ``ExportError`` naming what is not supported.
 
 Tensor types:
 
@@ -40,6 +43,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, LlamaFileType
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from tensorpress.errors import ExportError, OutputExistsError
 from tensorpress.io.files import _fsync_dir, current_umask
@@ -52,7 +56,7 @@ from tensorpress.io.gguf_layers import (
     encoded,
     plan_layers,
 )
-from tensorpress.io.gguf_vocab import add_tokenizer
+from tensorpress.io.gguf_vocab import add_tokenizer, add_wordpiece
 from tensorpress.models import LoadedModel
 from tensorpress.parts import CompressedLinear
 
@@ -70,24 +74,47 @@ _FILE_TYPES = {F32: LlamaFileType.ALL_F32, F16: LlamaFileType.MOSTLY_F16, BF16: 
 T = gguf.MODEL_TENSOR
 
 
+_LLAMA_BLOCK = (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_NORM, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN)
+_FUSED_BLOCK = (T.ATTN_NORM, T.ATTN_QKV, T.ATTN_OUT, T.FFN_NORM, T.FFN_UP, T.FFN_DOWN)
+_BERT_BLOCK = (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_OUT_NORM, T.FFN_UP, T.FFN_DOWN, T.LAYER_OUT_NORM)
+
+
 @dataclass(frozen=True)
 class _Arch:
     name: str  # general.architecture
     arch: gguf.MODEL_ARCH
     # llama.cpp's llama graph rotates adjacent pairs where transformers rotates halves, so the
     # converter reorders each head's q/k rows; qwen2/qwen3 use llama.cpp's NeoX rope (halves).
-    permute_qk: bool
-    llama_keys: bool  # vocab_size and rope.dimension_count, which the converter writes for llama only
+    permute_qk: bool = False
+    llama_keys: bool = False  # vocab_size and rope.dimension_count, which the converter writes for llama only
+    layer_norm: bool = False  # LayerNorm with bias (layer_norm_epsilon), not RMSNorm
+    # GPT-NeoX fuses q/k/v per head (rows [head, q|k|v, head_dim]); llama.cpp's graph splits the
+    # fused output as [q | k | v] (rows [q|k|v, head, head_dim]), so the converter regroups the rows
+    heads_qkv: bool = False
+    output_required: bool = False  # llama.cpp has no fallback to token_embd when the head is tied
+    block_tensors: tuple = _LLAMA_BLOCK
+    top_tensors: tuple = (T.TOKEN_EMBD, T.OUTPUT_NORM)  # outside the blocks
+    block_norms: tuple = (T.ATTN_NORM, T.FFN_NORM)  # whose biases a LayerNorm architecture needs
+    skip: tuple = ()  # module prefixes the converter leaves out
+    encoder: bool = False  # bidirectional attention, the tokenizer WordPiece (llama.cpp: embeddings)
 
 
 _LLAMA = _Arch("llama", gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_keys=True)
 ARCHITECTURES = {
     "llama": _LLAMA,
     "mistral": _LLAMA,  # the converter writes MistralForCausalLM as llama
-    "qwen2": _Arch("qwen2", gguf.MODEL_ARCH.QWEN2, permute_qk=False, llama_keys=False),
-    "qwen3": _Arch("qwen3", gguf.MODEL_ARCH.QWEN3, permute_qk=False, llama_keys=False),
+    "qwen2": _Arch("qwen2", gguf.MODEL_ARCH.QWEN2),
+    "qwen3": _Arch("qwen3", gguf.MODEL_ARCH.QWEN3),
+    # Conv1D weights (in, out) are written (out, in), as the converter transposes them
+    "gpt2": _Arch("gpt2", gguf.MODEL_ARCH.GPT2, layer_norm=True, block_tensors=_FUSED_BLOCK,
+                  top_tensors=(T.TOKEN_EMBD, T.POS_EMBD, T.OUTPUT_NORM)),
+    "gpt_neox": _Arch("gptneox", gguf.MODEL_ARCH.GPTNEOX, layer_norm=True, heads_qkv=True, output_required=True,
+                      block_tensors=_FUSED_BLOCK),
+    # an encoder: llama.cpp computes its embeddings (the pooler and masked-LM head are not written)
+    "bert": _Arch("bert", gguf.MODEL_ARCH.BERT, layer_norm=True, block_tensors=_BERT_BLOCK,
+                  top_tensors=(T.TOKEN_EMBD, T.TOKEN_TYPES, T.POS_EMBD, T.TOKEN_EMBD_NORM),
+                  block_norms=(T.ATTN_OUT_NORM, T.LAYER_OUT_NORM), skip=("pooler.", "cls."), encoder=True),
 }
-_BLOCK_TENSORS = (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_NORM, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN)
 
 
 @dataclass(frozen=True)
@@ -99,6 +126,8 @@ class _Shapes:
     ff: int
     vocab: int
     blocks: int
+    positions: int
+    token_types: int
 
     def expected(self, kind: gguf.MODEL_TENSOR) -> tuple[int, ...] | None:
         """The weight shape llama.cpp expects for a tensor of ``kind`` (every block alike)."""
@@ -106,6 +135,8 @@ class _Shapes:
         return {
             T.TOKEN_EMBD: (self.vocab, h), T.OUTPUT: (self.vocab, h), T.OUTPUT_NORM: (h,), T.ATTN_NORM: (h,),
             T.FFN_NORM: (h,), T.ATTN_Q: (q, h), T.ATTN_K: (kv, h), T.ATTN_V: (kv, h), T.ATTN_OUT: (h, q),
+            T.ATTN_QKV: (q + 2 * kv, h), T.POS_EMBD: (self.positions, h), T.TOKEN_TYPES: (self.token_types, h),
+            T.TOKEN_EMBD_NORM: (h,), T.ATTN_OUT_NORM: (h,), T.LAYER_OUT_NORM: (h,),
             T.FFN_GATE: (self.ff, h), T.FFN_UP: (self.ff, h), T.FFN_DOWN: (h, self.ff),
             T.ATTN_Q_NORM: (self.head_dim,), T.ATTN_K_NORM: (self.head_dim,),
         }.get(kind)
@@ -136,7 +167,10 @@ def export_gguf(lm: LoadedModel, path: str | os.PathLike, *, dtype: str = "f16",
     tensors = _tensors(lm, arch, shapes, DTYPES[dtype], plan_layers(lm.model, DTYPES[dtype], requantize))
     writer = gguf.GGUFWriter(None, arch.name)
     _add_metadata(writer, lm, arch, shapes, _file_type(tensors, DTYPES[dtype]))
-    _check_pre_tokenizer(lm, add_tokenizer(writer, lm.tokenizer, lm.model.config, shapes.vocab))
+    if arch.encoder:
+        add_wordpiece(writer, lm.tokenizer, lm.model.config, shapes.vocab)
+    else:
+        _check_pre_tokenizer(lm, add_tokenizer(writer, lm.tokenizer, lm.model.config, shapes.vocab))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for t in tensors:
         writer.add_tensor(t.name, t.data, raw_dtype=t.qtype)
@@ -181,10 +215,13 @@ def _shapes(lm: LoadedModel) -> _Shapes:
     blocks = len(lm.adapter.blocks(lm.model))
     if blocks != config.num_hidden_layers:
         raise ExportError(f"{lm.spec}: the model has {blocks} blocks, its config says {config.num_hidden_layers}")
+    # GPT-2 keeps the FFN width in n_inner (None: 4 x hidden)
+    ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
     return _Shapes(
         hidden=config.hidden_size, n_head=n_head, n_kv=getattr(config, "num_key_value_heads", None) or n_head,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_head, ff=config.intermediate_size,
-        vocab=lm.model.get_input_embeddings().weight.shape[0], blocks=blocks,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_head, ff=ff,
+        vocab=lm.model.get_input_embeddings().weight.shape[0], blocks=blocks, positions=config.max_position_embeddings,
+        token_types=getattr(config, "type_vocab_size", 0) or 0,
     )
 
 
@@ -199,10 +236,15 @@ def _rope(config) -> tuple[float, dict]:
     return float(theta), params if kind == "linear" else {}
 
 
+def _rotary_fraction(config) -> float:
+    """The fraction of each head's dimensions that rotate (GPT-NeoX rotates a quarter)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    return float(params.get("partial_rotary_factor", getattr(config, "rotary_pct", None) or 1.0))
+
+
 def _add_metadata(w: gguf.GGUFWriter, lm: LoadedModel, arch: _Arch, s: _Shapes, file_type: LlamaFileType) -> None:
     """The hyperparameters, keyed and ordered as llama.cpp's converter writes them."""
     config = lm.model.config
-    theta, scaling = _rope(config)
     w.add_type("model")
     w.add_name(Path(str(lm.spec)).name.removesuffix(".gguf"))
     w.add_block_count(s.blocks)
@@ -210,6 +252,21 @@ def _add_metadata(w: gguf.GGUFWriter, lm: LoadedModel, arch: _Arch, s: _Shapes, 
     w.add_embedding_length(s.hidden)
     w.add_feed_forward_length(s.ff)
     w.add_head_count(s.n_head)
+    if arch.layer_norm:  # GPT-2 (learned positions), GPT-NeoX (partial rotary), BERT (an encoder)
+        w.add_layer_norm_eps(getattr(config, "layer_norm_epsilon", None) or config.layer_norm_eps)
+        if arch.encoder:
+            w.add_causal_attention(False)
+            pooling = _pooling(lm)
+            if pooling is not None:
+                w.add_pooling_type(pooling)
+        if arch.arch == gguf.MODEL_ARCH.GPTNEOX:
+            theta, _ = _rope(config)
+            w.add_rope_dimension_count(int(_rotary_fraction(config) * s.head_dim))
+            w.add_rope_freq_base(theta)
+            w.add_parallel_residual(bool(getattr(config, "use_parallel_residual", True)))
+        w.add_file_type(file_type)
+        return
+    theta, scaling = _rope(config)
     w.add_head_count_kv(s.n_kv)
     w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
@@ -229,6 +286,27 @@ def _add_metadata(w: gguf.GGUFWriter, lm: LoadedModel, arch: _Arch, s: _Shapes, 
                     "whole context", lm.spec, window)
 
 
+def _pooling(lm: LoadedModel) -> gguf.PoolingType | None:
+    """The sentence-transformers pooling of the model's directory (``modules.json`` and its
+    pooling module's ``config.json``), as the converter reads it; None where there is none."""
+    import json
+
+    folder = lm.info.get("path")
+    if not folder or not (Path(folder) / "modules.json").is_file():
+        return None
+    try:
+        modules = json.loads((Path(folder) / "modules.json").read_text(encoding="utf-8"))
+        sub = next((m["path"] for m in modules if str(m.get("type", "")).endswith("Pooling")), None)
+        settings = {} if sub is None else json.loads((Path(folder) / sub / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{folder}: its sentence-transformers pooling settings cannot be read ({exc})") from None
+    for key, kind in (("pooling_mode_mean_tokens", gguf.PoolingType.MEAN), ("pooling_mode_cls_token", gguf.PoolingType.CLS),
+                      ("pooling_mode_lasttoken", gguf.PoolingType.LAST)):
+        if settings.get(key):
+            return kind
+    return None
+
+
 def _file_type(tensors: list[_Tensor], dtype: GGMLQuantizationType) -> LlamaFileType:
     """``general.file_type``: the block type holding the most weights, else ``dtype``."""
     blocks: Counter = Counter()
@@ -240,7 +318,8 @@ def _file_type(tensors: list[_Tensor], dtype: GGMLQuantizationType) -> LlamaFile
 
 def _named_weights(model: nn.Module):
     """``(name, parameter or CompressedLinear)`` in module order, each storage once (a tied
-    head is the embedding's parameter, so it is not listed)."""
+    head is the embedding's parameter, so it is not listed); GPT-2's ``Conv1D`` weights
+    transposed to ``(out, in)``, as llama.cpp (and every other layer here) holds them."""
     seen: set[int] = set()
     inside = None  # the prefix of the CompressedLinear whose parts are being walked past
     for name, module in model.named_modules():
@@ -256,7 +335,23 @@ def _named_weights(model: nn.Module):
         for pname, param in module.named_parameters(recurse=False):
             if id(param) not in seen:
                 seen.add(id(param))
-                yield prefix + pname, param
+                yield prefix + pname, param.T if isinstance(module, Conv1D) and pname == "weight" else param
+
+
+def head_qkv_rows(n_heads: int, head_dim: int) -> torch.Tensor:
+    """The row order llama.cpp's converter gives GPT-NeoX's fused q/k/v: the model's rows are
+    ``[head, (q, k, v), head_dim]``, the file's ``[(q, k, v), head, head_dim]``. Row ``i`` of the
+    file is row ``head_qkv_rows(...)[i]`` of the model."""
+    return torch.arange(3 * n_heads * head_dim).reshape(n_heads, 3, head_dim).transpose(0, 1).reshape(-1)
+
+
+def _row_order(arch: _Arch, kind: gguf.MODEL_TENSOR, n_rows: int, s: _Shapes) -> torch.Tensor | None:
+    """Which model row each row of the file is (None: the same order)."""
+    if arch.permute_qk and kind in (T.ATTN_Q, T.ATTN_K):
+        return rope_rows(n_rows, s.n_head if kind == T.ATTN_Q else s.n_kv)
+    if arch.heads_qkv and kind == T.ATTN_QKV:
+        return head_qkv_rows(s.n_head, s.head_dim)
+    return None
 
 
 def rope_rows(n_rows: int, n_heads: int) -> torch.Tensor:
@@ -274,6 +369,8 @@ def _tensors(lm: LoadedModel, arch: _Arch, s: _Shapes, dtype: GGMLQuantizationTy
     out: list[_Tensor] = []
     outcomes: dict[str, list[str]] = {}
     for hf_name, value in _named_weights(lm.model):
+        if hf_name.startswith(arch.skip):
+            continue
         found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise ExportError(f"{hf_name}: llama.cpp's {arch.name} architecture has no tensor for it")
@@ -292,21 +389,31 @@ def _tensors(lm: LoadedModel, arch: _Arch, s: _Shapes, dtype: GGMLQuantizationTy
         else:
             data, qtype = dense_array(value.dense() if isinstance(value, CompressedLinear) else value,
                                  F32 if len(shape) == 1 else dtype)
-        if arch.permute_qk and kind in (T.ATTN_Q, T.ATTN_K):
-            data = data[rope_rows(shape[0], s.n_head if kind == T.ATTN_Q else s.n_kv).numpy()]
+        order = _row_order(arch, kind, shape[0], s)
+        if order is not None:
+            data = data[order.numpy()]
         out.append(_Tensor(name, np.ascontiguousarray(data), qtype, int(np.prod(shape))))
-    _check_complete({t.name for t in out}, s)
+    if arch.output_required and "output.weight" not in {t.name for t in out}:  # a tied head, written twice
+        embd = next(t for t in out if t.name == "token_embd.weight")
+        out.append(_Tensor("output.weight", embd.data, embd.qtype, embd.numel))
+    _check_complete({t.name for t in out}, arch, s)
     for outcome, layers in outcomes.items():
         log.warning("%d layers %s: %s", len(layers), outcome, ", ".join(layers))
     return out
 
 
-def _check_complete(written: set[str], s: _Shapes) -> None:
-    wanted = [gguf.TENSOR_NAMES[T.TOKEN_EMBD], gguf.TENSOR_NAMES[T.OUTPUT_NORM]]
-    wanted += [gguf.TENSOR_NAMES[kind].format(bid=b) for b in range(s.blocks) for kind in _BLOCK_TENSORS]
-    missing = [name for name in wanted if f"{name}.weight" not in written]
+def _check_complete(written: set[str], arch: _Arch, s: _Shapes) -> None:
+    def names(kinds):
+        return [gguf.TENSOR_NAMES[k].format(bid=b) for b in range(s.blocks) for k in kinds]
+
+    wanted = [f"{gguf.TENSOR_NAMES[k]}.weight" for k in arch.top_tensors]
+    wanted += [f"{name}.weight" for name in names(arch.block_tensors)]
+    if arch.layer_norm:  # llama.cpp requires every LayerNorm's bias
+        wanted += [f"{gguf.TENSOR_NAMES[k]}.bias" for k in arch.top_tensors if k in (T.OUTPUT_NORM, T.TOKEN_EMBD_NORM)]
+        wanted += [f"{n}.bias" for n in names(arch.block_norms)]
+    missing = [name for name in wanted if name not in written]
     if missing:
-        raise ExportError(f"the model has no weight for the GGUF tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        raise ExportError(f"the model has no tensor for the GGUF tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}")
 
 
 def _write_atomic(writer: gguf.GGUFWriter, path: Path) -> None:

@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from tensorpress.errors import CheckpointError
 from tensorpress.io.gguf import ARCHITECTURES, T, rope_rows
@@ -59,8 +60,8 @@ def load_gguf_compressed(path: str | os.PathLike) -> LoadedModel:
     config = lm.model.config
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
-        log.warning("%s: a %s model; its tensors stay dense (block parts for llama, mistral, qwen2, qwen3)",
-                    path, config.model_type)
+        log.warning("%s: a %s model; its tensors stay dense (block parts for %s)",
+                    path, config.model_type, ", ".join(ARCHITECTURES))
         return lm
     names = gguf.get_tensor_name_map(arch.arch, config.num_hidden_layers)
     tensors = {t.name: t for t in reader.tensors}
@@ -70,7 +71,7 @@ def load_gguf_compressed(path: str | os.PathLike) -> LoadedModel:
     table = model.get_input_embeddings()
     tied = head is not None and table is not None and getattr(head, "weight", None) is table.weight
     for module_name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear | nn.Embedding) or (tied and module is head):
+        if not isinstance(module, nn.Linear | nn.Embedding | Conv1D) or (tied and module is head):
             continue
         found = names.get_type_and_name(f"{module_name}.weight", try_suffixes=(".weight",))
         tensor = tensors.get(found[1]) if found else None
@@ -79,7 +80,10 @@ def load_gguf_compressed(path: str | os.PathLike) -> LoadedModel:
         fmt = FORMATS.get(tensor.tensor_type.name.lower())
         if fmt is None:
             continue
-        shape = tuple(module.weight.shape)  # (out, in), and (vocab, dim) for the embeddings
+        weight = module.weight.detach()
+        if isinstance(module, Conv1D):  # GPT-2 keeps (in, out); the file holds (out, in)
+            weight = weight.T
+        shape = tuple(weight.shape)  # (out, in), and (vocab, dim) for the embeddings
         try:
             codes, grid = decode_blocks(np.asarray(tensor.data), fmt, shape)
             if arch.permute_qk and found[0] in (T.ATTN_Q, T.ATTN_K):
@@ -89,7 +93,7 @@ def load_gguf_compressed(path: str | os.PathLike) -> LoadedModel:
             part = BlockPart(codes, grid)
         except ValueError as exc:
             raise CheckpointError(f"{path}: tensor {tensor.name} ({tensor.tensor_type.name}): {exc}") from None
-        if not bit_equal(part.dense(), module.weight.detach()):
+        if not bit_equal(part.dense(), weight):
             log.warning("%s: %s does not decode to the weight transformers read; kept dense", path, tensor.name)
             dense += 1
             continue

@@ -1,5 +1,7 @@
 """A model's tokenizer as GGUF metadata, the way llama.cpp's converter writes a byte-level BPE
-vocabulary (``tokenizer.ggml.model = "gpt2"``).
+vocabulary (``tokenizer.ggml.model = "gpt2"``) and BERT's WordPiece one (``"bert"``: llama.cpp's
+WPM tokenizer, whose vocabulary marks word starts with ``▁`` where WordPiece marks continuations
+with ``##``; see :func:`add_wordpiece`).
 
 The token list is built here from the ``transformers`` tokenizer (every id below the embedding's
 row count, holes as ``[PAD<id>]``, types NORMAL / CONTROL / USER_DEFINED / UNUSED); the merges,
@@ -142,3 +144,57 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, config: Any, n_vocab:
     writer.add_token_types(types)
     special.add_to_gguf(writer, quiet=True)
     return pre
+
+
+def _wordpiece_spec(tokenizer: Any) -> dict[str, Any]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"GGUF export needs a fast (tokenizers) tokenizer; got {type(tokenizer).__name__}")
+    spec = json.loads(backend.to_str())
+    model, pre, norm = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, spec.get("normalizer") or {}
+    if (model.get("type") != "WordPiece" or model.get("continuing_subword_prefix", "##") != "##"
+            or pre.get("type") != "BertPreTokenizer" or norm.get("type") != "BertNormalizer"):
+        raise ExportError("a BERT GGUF export writes llama.cpp's WPM vocabulary, which splits and normalizes text as "
+                          "BERT's own WordPiece tokenizer does (BertNormalizer, BertPreTokenizer, '##' continuations); "
+                          f"this tokenizer is {model.get('type')} with a {pre.get('type')} pre-tokenizer and a "
+                          f"{norm.get('type')} normalizer")
+    return spec
+
+
+def add_wordpiece(writer: gguf.GGUFWriter, tokenizer: Any, config: Any, n_vocab: int) -> str:
+    """Write a BERT WordPiece tokenizer as llama.cpp's WPM vocabulary: ``##x`` becomes ``x``,
+    any other normal token ``▁x``; the lower-casing and accent stripping of its normalizer,
+    [CLS] as the token prepended (BOS) and [SEP] as the one appended. Returns the pre-tokenizer
+    name written (WPM has one set of rules, ``default``)."""
+    norm = _wordpiece_spec(tokenizer)["normalizer"]
+    tokens, types = token_list(tokenizer, n_vocab)
+    tokens = [t if kind == gguf.TokenType.CONTROL else t[2:] if t.startswith("##") else "\u2581" + t
+              for t, kind in zip(tokens, types)]
+    lowercase = bool(norm.get("lowercase", True))
+    strip = norm.get("strip_accents")
+    writer.add_tokenizer_model("bert")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_type_count(getattr(config, "type_vocab_size", 1) or 1)
+    # llama.cpp's keys (the gguf package has no writer method for them yet)
+    writer.add_bool("tokenizer.ggml.normalizer.lowercase", lowercase)
+    writer.add_bool("tokenizer.ggml.normalizer.strip_accents", lowercase if strip is None else bool(strip))
+    ids = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "unk": tokenizer.unk_token_id,
+           "pad": tokenizer.pad_token_id, "mask": tokenizer.mask_token_id}
+    missing = [name for name in ("cls", "sep", "unk") if ids[name] is None]
+    if missing:
+        raise ExportError(f"a BERT tokenizer needs {', '.join(missing)} tokens for llama.cpp's WPM vocabulary")
+    # llama.cpp's WPM prepends its BOS and appends its SEP; without these keys it assumes BERT's ids 101/102
+    writer.add_bos_token_id(ids["cls"])
+    writer.add_sep_token_id(ids["sep"])
+    writer.add_unk_token_id(ids["unk"])
+    if ids["pad"] is not None:
+        writer.add_pad_token_id(ids["pad"])
+    if ids["mask"] is not None:
+        writer.add_mask_token_id(ids["mask"])
+    full = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(full[0] == ids["cls"])
+    writer.add_add_sep_token(full[-1] == ids["sep"])
+    writer.add_add_eos_token(False)
+    return "default"

@@ -71,13 +71,28 @@ def tiny_config(arch: str):
     if arch == "gpt_neox":
         return T.GPTNeoXConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                                max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **common)
+    if arch in ("gemma", "gemma2", "gemma3_text"):
+        cls = {"gemma": T.GemmaConfig, "gemma2": T.Gemma2Config, "gemma3_text": T.Gemma3TextConfig}[arch]
+        extra = {} if arch == "gemma" else {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}
+        return cls(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                   pad_token_id=0, **extra, **common)
+    if arch in ("granite", "olmo2"):
+        cls = T.GraniteConfig if arch == "granite" else T.Olmo2Config
+        extra = {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "logits_scaling": 4.0} if arch == "granite" else {}
+        return cls(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra, **common)
+    if arch == "phi3":
+        return T.Phi3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=0, **common)
     if arch == "bert":
         return T.BertConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                             max_position_embeddings=256, **common)
     raise ValueError(arch)
 
 
-CAUSAL_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "gpt_neox"]
+CAUSAL_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "gpt_neox", "gemma", "gemma2", "gemma3_text", "granite", "olmo2", "phi3"]
 ALL_ARCHS = CAUSAL_ARCHS + ["bert"]
 
 

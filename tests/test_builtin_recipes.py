@@ -46,20 +46,23 @@ WIDTH, FFN, DEPTH = 128, 256, 7
 _SIZE_KEYS = {"gpt2": ("n_embd", "n_inner", "n_layer"), "opt": ("hidden_size", "ffn_dim", "num_hidden_layers")}
 _UNIFORM_QUANTIZERS = {"rtn", "gptq", "awq"}  # parts whose storage is exactly the grid's
 
-OTHERS = tuple(a for a in ALL_ARCHS if adapter_for(a).family != "llama")  # the non-Llama families
+# SliceGPT's rotation needs pre-norm RMSNorm blocks with plain norm weights: the Llama family and Phi-3
+NO_SLICEGPT = tuple(a for a in ALL_ARCHS if adapter_for(a).family not in ("llama", "phi3"))
 
 # (recipes, architectures, error, text its message must hold): each with why it cannot apply
 REFUSALS: list[tuple[tuple[str, ...], tuple[str, ...], type[TensorpressError], str]] = [
     # the rotation commutes with RMSNorm only (LayerNorm subtracts the mean; BERT normalises
-    # after the residual sum), and the folding is written for Llama's module names
-    (("slicegpt-10", "slicegpt-20", "slicegpt-25"), OTHERS, RecipeError, "slicegpt supports Llama-family models"),
-    # removing whole KV groups rewrites the Llama family's head config (num_key_value_heads,
-    # head_dim); gpt2 and gpt_neox also compute q, k and v in one fused linear
-    (("prune-heads-33",), OTHERS, RecipeError, "prune_heads supports Llama-family models"),
-    # linear bridges are implemented for the Llama family only (DropBlocks.transform); the other
-    # families take replace 'none', which runs on all of them
-    (("drop-blocks-2-linear", "drop-blocks-4-linear", "drop-blocks-6-linear"), OTHERS, RecipeError,
-     "replace 'linear' supports Llama-family models"),
+    # after the residual sum); Gemma's (1 + w) norms, scaled embeddings and post-branch norms
+    (("slicegpt-10", "slicegpt-20", "slicegpt-25"), NO_SLICEGPT, RecipeError, "slicegpt does not apply to"),
+    # removing whole KV groups needs separate q/k/v (gpt2, gpt_neox and phi3 fuse them) ...
+    (("prune-heads-33",), ("gpt2", "gpt_neox", "phi3"), RecipeError, "prune_heads needs separate q, k and v projections"),
+    # ... and head counts the model reads from its config (OPT and BERT derive the head width,
+    # OLMo 2's q/k norms span all heads)
+    (("prune-heads-33",), ("opt", "bert", "olmo2"), RecipeError, "cannot lose whole heads by a config change"),
+    # a bridge takes no cache layer, and the cache's layer kinds go by position: not for models
+    # that mix sliding-window and global layers
+    (("drop-blocks-2-linear", "drop-blocks-4-linear", "drop-blocks-6-linear"), ("gemma2", "gemma3_text"), RecipeError,
+     "replace 'linear' needs one attention kind in every layer"),
     # the Fisher sensitivity is the gradient of the next-token loss, which an encoder has not
     (("gptq-mixed-2.5", "gptq-mixed-3.5", "svd-llm-budget-p10", "svd-llm-budget-p20", "svd-llm-budget-p30"), ("bert",),
      RecipeError, "sensitivity 'fisher' needs a causal language model's loss"),

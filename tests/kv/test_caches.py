@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import CAUSAL_ARCHS, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -444,3 +444,19 @@ def test_mikv_low_precision_tokens_are_the_evicted_states_quantized(lm, ids, key
         waiting = torch.gather(full.layers[0].store.keys, 2, layer.pending.index.long()[..., None].expand(-1, -1, -1, layer.head_dim))
         assert torch.equal(layer.pending.keys, waiting)
     assert layer.low_precision_tokens() + len(layer.store) == 40
+
+
+@pytest.mark.parametrize("arch", [a for a in CAUSAL_ARCHS if a != "llama"])
+@pytest.mark.parametrize("name", list(LOSSLESS))
+def test_every_cache_on_every_causal_family(ids, arch, name):
+    """Each cache on each family: at a budget that keeps everything it gives the uncompressed
+    attention (sliding-window layers included), or a typed error says why not."""
+    model = tiny_model(arch)
+    with torch.no_grad():
+        reference = model.model(ids).logits
+    try:
+        cache = make(name, model, dtype="float32", **LOSSLESS[name])
+    except CacheConfigError as exc:  # recorded as the family's refusal
+        pytest.skip(f"refused: {exc}")
+    out = chunked(model, ids, cache)
+    assert torch.allclose(out, reference, atol=5e-5, rtol=1e-4), (out - reference).abs().max()

@@ -26,12 +26,17 @@ def can_fold_into(producer: nn.Module, width: int) -> bool:
 
 
 @torch.no_grad()
-def fold_scale(producer: nn.Module, consumers: list[nn.Module], scale: torch.Tensor) -> None:
-    """Divide ``producer``'s outputs by ``scale`` and multiply the consumers' input columns by it."""
+def fold_scale(producer: nn.Module, consumers: list[nn.Module], scale: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """Divide ``producer``'s outputs by ``scale`` and multiply the consumers' input columns by it.
+    A norm whose weight acts as ``norm_offset + w`` (Gemma: ``1 + w``) gets
+    ``w' = (norm_offset + w) / scale - norm_offset``."""
     if isinstance(producer, Conv1D):  # weight (in, out): output channels are columns
         producer.weight.div_(scale.to(producer.weight.dtype)[None, :])
     elif isinstance(producer, nn.Linear):
         producer.weight.div_(scale.to(producer.weight.dtype)[:, None])
+    elif norm_offset:
+        w = producer.weight
+        w.copy_(((w.float() + norm_offset) / scale.float() - norm_offset).to(w.dtype))
     else:
         producer.weight.div_(scale.to(producer.weight.dtype))
     bias = getattr(producer, "bias", None)

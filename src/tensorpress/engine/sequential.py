@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
 import re
 import time
@@ -22,10 +21,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 from transformers.pytorch_utils import Conv1D
 
 from tensorpress.data import TokenWindows, check_context
+from tensorpress.engine.capture import capture_block_inputs, device_of, run_block
 from tensorpress.engine.checks import (
     check_finite,
     check_patterns,
@@ -37,6 +36,7 @@ from tensorpress.engine.linears import bias_of, in_features, is_linear, weight_o
 from tensorpress.engine.lockstep import BlockCall, lockstep_pass
 from tensorpress.engine.result import CompressionResult, LayerReport
 from tensorpress.engine.stats import StatsHooks
+from tensorpress.engine.structural import BlockRunner
 from tensorpress.errors import CalibrationError, RecipeError
 from tensorpress.methods import LayerInput, MethodConfig
 from tensorpress.methods.base import matches
@@ -52,63 +52,12 @@ from tensorpress.methods.structural import is_structural
 from tensorpress.methods.structural.depth import LinearBridge, bridge_indices
 from tensorpress.models import LoadedModel
 from tensorpress.parts import CompressedEmbedding, CompressedLinear, TiedHead
-from tensorpress.parts.linear import dense_weights_cached
+from tensorpress.parts.linear import dense_weights_cached, embed_scale_of
 from tensorpress.progress import track
 from tensorpress.recipe import Recipe, RecipeLike, resolve
 
 log = logging.getLogger(__name__)
 
-
-
-def _strip_caches(value: Any) -> Any:
-    return None if isinstance(value, Cache) else value
-
-
-def capture_block_inputs(lm: LoadedModel, model: nn.Module, windows: TokenWindows, batch_size: int) -> list[BlockCall]:
-    """Inputs of the first block for each batch of windows.
-
-    The block list is swapped for a list holding only the first block, so the base model runs
-    its embeddings, that one block and its final norm; a pre-hook records the block's call.
-    """
-    adapter = lm.adapter
-    blocks_path = adapter.blocks_path(model)
-    parent_path, _, attr = blocks_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    blocks = adapter.blocks(model)
-    base = adapter.base(model)
-    calls: list[BlockCall] = []
-
-    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        kwargs = {k: _strip_caches(v) for k, v in kwargs.items()}
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        calls.append((hidden.detach(), tuple(_strip_caches(a) for a in args[1:]), kwargs))
-
-    call_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(base.forward).parameters else {}
-    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
-    setattr(parent, attr, nn.ModuleList([blocks[0]]))
-    try:
-        with torch.inference_mode():
-            for batch in windows.batches(batch_size):
-                base(input_ids=batch.to(_device_of(model)), **call_kwargs)
-    finally:
-        setattr(parent, attr, blocks)
-        handle.remove()
-    return calls
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def run_block(block: nn.Module, calls: list[BlockCall]) -> list[BlockCall]:
-    """Run a block on every captured call; the outputs become the next block's hidden states."""
-    outputs = []
-    with torch.inference_mode():
-        for hidden, args, kwargs in calls:
-            out = block(hidden, *args, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            outputs.append((out, args, kwargs))
-    return outputs
 
 
 @contextlib.contextmanager
@@ -246,7 +195,8 @@ def _compress_embeddings(
     with _timed(timings, "methods_seconds"):
         for stage in stages:
             _apply_stage(holder, "table", name, stage, {}, {}, layers)
-    compressed = CompressedEmbedding(list(holder.table.parts), module.padding_idx, module.weight.dtype)
+    compressed = CompressedEmbedding(list(holder.table.parts), module.padding_idx, module.weight.dtype,
+                                     embed_scale_of(module))
     model.set_submodule(name, compressed)
     if tied:
         model.set_submodule(head[0], TiedHead(compressed))
@@ -307,7 +257,7 @@ def compress(
             raise RecipeError(f"stage {stage.name} follows drop_blocks with replace 'linear': the other structural methods "
                               "need every block whole; make that drop_blocks the last structural stage")
         with _timed(timings, "structural_seconds"):
-            done = stage.transform(lm, model, calib, batch_size)
+            done = stage.transform(lm, model, calib, BlockRunner(lm, model, batch_size))
         tokenizer = done.pop("tokenizer", tokenizer)  # trim_vocab remaps the tokenizer
         structure.append({"method": stage.name, **done})
     recipe = recipe.model_copy(update={"stages": recipe.stages[leading:]})
@@ -447,7 +397,7 @@ def _whole_model_stats(
             if rels
         }
         for batch in track(list(windows.split(batch_size)), label):
-            model(input_ids=batch.to(_device_of(model)))
+            model(input_ids=batch.to(device_of(model)))
     stats = {f"{prefix}.{i}.{rel}": st.as_dict() for i, h in hooks.items() for rel, st in h.stats.items()}
     for name, st in stats.items():
         check_stats_finite(name, st)
@@ -566,7 +516,7 @@ def _scale_groups(
         if scale is not None:
             chosen.append((producer, modules, scale))
     for producer, modules, scale in chosen:
-        fold_scale(producer, modules, scale)
+        fold_scale(producer, modules, scale, lm.adapter.norm_offset)
 
 
 def _apply_shared(

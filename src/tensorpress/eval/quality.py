@@ -135,7 +135,7 @@ def requantize_cost(lm, windows: TokenWindows | None, dtype: str = "f16") -> Req
     re-quantized with llama.cpp's rounding (or written dequantized at ``dtype``), measured as
     ``KL(P_lm || P_written)`` and top-1 agreement on ``windows`` (no model run without such
     layers, or without windows)."""
-    from tensorpress.io.export import dense_copy
+    from tensorpress.io.dense import dense_copy
     from tensorpress.io.gguf import DTYPES
     from tensorpress.io.gguf_layers import requantized_weights
 

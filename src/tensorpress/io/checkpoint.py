@@ -51,6 +51,7 @@ from tensorpress.parts import (
     TiedHead,
     part_from_state,
 )
+from tensorpress.parts.linear import embed_scale_of
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +418,8 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     rebuilt = {}
     for name, entry in manifest["layers"].items():
         layer = rebuilt[name] = _rebuild_layer(path, name, entry, part_tensors, dtype)
+        if isinstance(layer, CompressedEmbedding):  # a scaled embedding's factor comes from the model it replaces
+            layer.scale = embed_scale_of(model.get_submodule(name))
         model.set_submodule(name, layer)
         expected_missing.update(f"{name}.{k}" for k in layer.state_dict() if k.startswith("parts."))
     for head, table in manifest.get("tied_heads", {}).items():

@@ -30,6 +30,7 @@ from tensorpress.io.headers import gguf_header
 from tensorpress.models import LoadedModel
 from tensorpress.parts import BlockPart, CompressedEmbedding, CompressedLinear, TiedHead
 from tensorpress.parts.block_math import FORMATS, BlockGrid
+from tensorpress.parts.linear import embed_scale_of
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def load_gguf_compressed(path: str | os.PathLike) -> LoadedModel:
             dense += 1
             continue
         if isinstance(module, nn.Embedding):
-            compressed = CompressedEmbedding([part], module.padding_idx, module.weight.dtype)
+            compressed = CompressedEmbedding([part], module.padding_idx, module.weight.dtype, embed_scale_of(module))
             model.set_submodule(module_name, compressed)
             if tied:  # llama.cpp's output reads token_embd: so does the head here
                 name = next(n for n, m in model.named_modules() if m is head)

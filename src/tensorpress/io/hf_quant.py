@@ -28,7 +28,12 @@ from tensorpress.errors import ExportError
 from tensorpress.io.files import atomic_dir
 from tensorpress.io.int_grid import IntGrid, integer_grid
 from tensorpress.models import LoadedModel
-from tensorpress.parts import BlockPart, CompressedEmbedding, CompressedLinear, QuantizedPart
+from tensorpress.parts import (
+    BlockPart,
+    CompressedEmbedding,
+    CompressedLinear,
+    QuantizedPart,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class Planned:
     dense: list[str]  # compressed linears without codes of their own (pruned, low-rank, ...)
     plain: list[str]  # linears tensorpress left uncompressed
     head: str | None  # the output head's module name
-    classes: dict[str, type]  # transformers' module class at each name (``export.source_classes``)
+    classes: dict[str, type]  # transformers' module class at each name (``dense.source_classes``)
 
 
 def float_dtype(dtype: str | None) -> torch.dtype:
@@ -56,7 +61,7 @@ def float_dtype(dtype: str | None) -> torch.dtype:
 def plan(lm: LoadedModel, fmt: str, dtype: torch.dtype, accepts: Callable[[IntGrid], str | None]) -> Planned:
     """Which linears of ``lm`` go out as codes. ``accepts(grid)`` returns why the format cannot
     hold that grid (None when it can). Refusals name the layer, why, and what would work."""
-    from tensorpress.io.export import source_classes
+    from tensorpress.io.dense import source_classes
 
     classes = source_classes(lm.model)
     grids, dense, plain = {}, [], []
@@ -107,7 +112,7 @@ def write_checkpoint(lm: LoadedModel, path: Path, *, overwrite: bool, dtype: tor
     """Write ``lm`` as a ``from_pretrained`` directory in which the linears named in
     ``quantized`` hold the given tensors (``{name}.{key}``) instead of their ``weight``; every
     other tensor at ``dtype``. Atomic: a failed export leaves nothing."""
-    from tensorpress.io.export import check_loadable, dense_copy
+    from tensorpress.io.dense import check_loadable, dense_copy
 
     check_loadable(lm)
     model = dense_copy(lm.model, classes)

@@ -36,8 +36,22 @@ class Adapter:
     # sits between). Used by activation-aware scaling (AWQ).
     producers: tuple[str | None, ...] = ()
     # What each block linear is, in llama.cpp's terms (attn_q, attn_k, attn_v, attn_qkv, attn_output,
-    # ffn_gate, ffn_up, ffn_down): the file-type mixes choose tensor types by role.
+    # ffn_gate, ffn_up, ffn_down; ffn_gate_up: one linear whose rows are the gate's then the up's):
+    # the file-type mixes choose tensor types by role, the structural methods find linears by it.
     roles: tuple[tuple[str, str], ...] = ()
+    # Norm weights act as ``offset + weight``: 0 for plain norms, 1 for Gemma's RMSNorm, which
+    # computes ``x_hat * (1 + w)`` (a scale folded into it must keep that form).
+    norm_offset: float = 0.0
+    norm_kind: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm: subtracts the mean, has a bias)
+    # norms between a branch's output and the residual sum (Gemma 2/3's post-attention and
+    # post-feedforward norms): the residual stream is not only read through the input norms
+    post_norms: tuple[str, ...] = ()
+    # whether the attention reads its head counts and head_dim from the config (so removing
+    # whole heads is a config change a reload reproduces)
+    head_config: bool = False
+    # whether the model multiplies its embeddings by a factor derived from the hidden size
+    # (Gemma: sqrt(hidden)), which changing that size would change
+    scaled_embeddings: bool = False
 
     def producer_of(self, group: int) -> str | None:
         return self.producers[group] if group < len(self.producers) else None
@@ -76,6 +90,17 @@ class Adapter:
     def role_of(self, relative_name: str) -> str | None:
         return dict(self.roles).get(relative_name)
 
+    def linears_with(self, *roles: str) -> list[str]:
+        """A block's linears of the given roles, in execution order."""
+        by_name = dict(self.roles)
+        return [name for name in self.block_linears() if by_name.get(name) in roles]
+
+    def input_norm(self, role: str) -> str | None:
+        """The norm (or linear) whose output the linears of ``role`` read: the producer of
+        their group, None where none can take a fold."""
+        names = self.linears_with(role)
+        return self.producer_of(self.group_of(names[0])) if names else None
+
     def group_of(self, relative_name: str) -> int:
         for i, group in enumerate(self.linear_groups):
             if relative_name in group:
@@ -90,20 +115,52 @@ _LLAMA_GROUPS = (
     ("mlp.down_proj",),
 )
 
+_LLAMA_ROLES = (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+                ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+                ("mlp.down_proj", "ffn_down"))
+
+
+
+def _llama_layout(family: str, model_types: tuple[str, ...], producers: tuple[str | None, ...], **facts) -> Adapter:
+    """An adapter for a family with Llama's module layout (``model.layers``, q/k/v, o, gate/up,
+    down, ``model.norm``); ``facts`` are its norms, heads and embeddings."""
+    return Adapter(family=family, model_types=model_types, base_paths=("model",), blocks_paths=("model.layers",),
+                   final_norm_paths=("model.norm",), linear_groups=_LLAMA_GROUPS, producers=producers,
+                   roles=_LLAMA_ROLES, **facts)
+
+
 ADAPTERS: tuple[Adapter, ...] = (
+    # o_proj's inputs are v_proj's outputs only when every query head has its own KV head; the
+    # engine checks the widths before folding there. Granite: scalar multipliers in the config.
+    _llama_layout("llama", ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite"),
+                  ("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"), head_config=True),
+    # Gemma: Llama's layout, RMSNorm weights as (1 + w), embeddings scaled by sqrt(hidden)
+    _llama_layout("gemma", ("gemma",), ("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"),
+                  norm_offset=1.0, head_config=True, scaled_embeddings=True),
+    # Gemma 2 and 3: four norms per block (post_attention_layernorm normalises the attention output
+    # before the residual sum; the FFN's input norm is pre_feedforward_layernorm), q/k norms
+    # (Gemma 3), sliding-window and global layers (config.layer_types)
+    _llama_layout("gemma2", ("gemma2", "gemma3_text"),
+                  ("input_layernorm", "self_attn.v_proj", "pre_feedforward_layernorm", "mlp.up_proj"), norm_offset=1.0,
+                  post_norms=("post_attention_layernorm", "post_feedforward_layernorm"), head_config=True,
+                  scaled_embeddings=True),
+    # OLMo 2: norms after each branch only, none before: no producer for the q/k/v or gate/up
+    # inputs; q/k norms over the whole projection (not per head), so heads are not removed by config
+    _llama_layout("olmo2", ("olmo2",), (None, "self_attn.v_proj", None, "mlp.up_proj"),
+                  post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
     Adapter(
-        family="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3", "smollm3"),
+        # Phi-3 / Phi-4: one linear for q|k|v and one for gate|up (its rows: the gate's, then the up's)
+        family="phi3",
+        model_types=("phi3",),
         base_paths=("model",),
         blocks_paths=("model.layers",),
         final_norm_paths=("model.norm",),
-        linear_groups=_LLAMA_GROUPS,
-        # o_proj's inputs are v_proj's outputs only when every query head has its own KV head;
-        # the engine checks the widths before folding there.
-        producers=("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"),
-        roles=(("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
-               ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
-               ("mlp.down_proj", "ffn_down")),
+        linear_groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+        # o_proj reads the attention output, down_proj up * act(gate): neither is one producer's rows
+        producers=("input_layernorm", None, "post_attention_layernorm", None),
+        roles=(("self_attn.qkv_proj", "attn_qkv"), ("self_attn.o_proj", "attn_output"),
+               ("mlp.gate_up_proj", "ffn_gate_up"), ("mlp.down_proj", "ffn_down")),
+        head_config=True,
     ),
     Adapter(
         family="gpt2",
@@ -116,6 +173,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         producers=("ln_1", None, "ln_2", None),
         roles=(("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"), ("mlp.c_fc", "ffn_up"),
                ("mlp.c_proj", "ffn_down")),
+        norm_kind="layer",
     ),
     Adapter(
         family="opt",
@@ -132,6 +190,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         producers=("self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", None),
         roles=(("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
                ("self_attn.out_proj", "attn_output"), ("fc1", "ffn_up"), ("fc2", "ffn_down")),
+        norm_kind="layer",
     ),
     Adapter(
         family="gpt_neox",
@@ -148,6 +207,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         producers=("input_layernorm", None, "post_attention_layernorm", None),
         roles=(("attention.query_key_value", "attn_qkv"), ("attention.dense", "attn_output"),
                ("mlp.dense_h_to_4h", "ffn_up"), ("mlp.dense_4h_to_h", "ffn_down")),
+        norm_kind="layer",
     ),
     Adapter(
         family="bert",
@@ -165,6 +225,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         causal=False,
         roles=(("attention.self.query", "attn_q"), ("attention.self.key", "attn_k"), ("attention.self.value", "attn_v"),
                ("attention.output.dense", "attn_output"), ("intermediate.dense", "ffn_up"), ("output.dense", "ffn_down")),
+        norm_kind="layer",
     ),
 )
 

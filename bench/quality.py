@@ -69,6 +69,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS measurement (Linux: writing 5 to /proc/self/clear_refs resets
+    VmHWM); without it the per-row peak is the process's so far."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib_since_reset() -> float | None:
+    """VmHWM (peak resident set) in MiB since the last reset_peak_rss(), None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+_PEAKS: list[float] = []
+
+
+def peak_so_far(row_peak: float | None = None) -> float:
+    """The process's peak RSS in MiB over the whole run: the largest of the rows' peaks and of
+    the current high-water mark (which the per-row resets lower, in getrusage too)."""
+    if row_peak is not None:
+        _PEAKS.append(row_peak)
+    now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return round(max([now, *_PEAKS]), 1)
+
+
 def clean(value):
     """JSON-safe: NaN/inf become null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -110,7 +142,7 @@ def build_table(rows: list[dict], causal: bool, title: str, reported: dict[str, 
     table = Table(title=title, header_style="bold")
     cols = ["method"] + (["perplexity", "Δ ppl", "KL (nats/tok)", "top-1 agree"] if causal
                          else ["cosine sim", "hidden MSE"])
-    cols += ["params kept", "bits/w linears", "bits/w model", "compress s", "eval s"]
+    cols += ["params kept", "bits/w linears", "bits/w model", "compress s", "eval s", "peak MiB"]
     if reported:
         cols.append("reported ppl (issues)")
     for i, col in enumerate(cols):
@@ -121,7 +153,8 @@ def build_table(rows: list[dict], causal: bool, title: str, reported: dict[str, 
                    else [fmt(r["cosine_similarity"], ".5f"), fmt(r["hidden_mse"], ".3e")])
         table.add_row(r["method"], *quality, fmt(r.get("linear_params_kept"), ".1%"), fmt(r["bits_per_weight_linears"], ".3f"),
                       fmt(r["bits_per_weight_model"], ".3f"), fmt(r["compression_seconds"], ".1f"),
-                      fmt(r["eval_seconds"], ".1f"), *([reported.get(r["method"], "-")] if reported else []))
+                      fmt(r["eval_seconds"], ".1f"), fmt(r.get("peak_rss_mib_row"), ".0f"),
+                      *([reported.get(r["method"], "-")] if reported else []))
     return table
 
 
@@ -167,13 +200,22 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"reported_in_issues": reported, "protocol": protocol, "command": command,
                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                    "machine": machine, "date": started, "rows": rows,
-                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+                   "peak_rss_mib": peak_so_far()}
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(clean(payload), indent=1) + "\n", encoding="utf-8")
         tmp.replace(out)
 
     rows = []
-    reference_outputs: dict = {}  # the uncompressed model runs once on the windows, not once per method
+    # the uncompressed model runs once on the windows, not once per method, when its next-token
+    # log-probabilities fit in a quarter of the memory (Gemma 3's 262k vocabulary: 21 GB for
+    # 40 x 512 tokens, so it runs again for every row instead)
+    cache_bytes = windows.input_ids.numel() * lm.model.get_output_embeddings().weight.shape[0] * 4 if lm.causal else 0
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    reference_outputs: dict | None = {} if cache_bytes < memory / 4 else None
+    if reference_outputs is None:
+        console.print(f"the reference's log-probabilities would take {cache_bytes / 2**30:.1f} GiB: not kept, "
+                      "the reference runs again for each row")
+    protocol["reference_cache"] = reference_outputs is not None
     if not args.no_baseline:
         report = tp.evaluate(lm, reference=None if lm.causal else lm, data=windows)
         rows.append(make_row("uncompressed", None, report, None))
@@ -185,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         if recipe.needs_calibration:
             protocol["calibration"]["used_by"].append(name)
         runs, result = [], None
+        reset_peak_rss()
         for run in range(max(1, args.timing_runs)):
             result = None  # the previous run's model is freed before the next one is built
             gc.collect()
@@ -198,17 +241,18 @@ def main(argv: list[str] | None = None) -> int:
         rows[-1]["compression_runs_seconds"] = [round(t, 2) for t in runs]
         rows[-1]["timings"] = {k: round(v, 2) for k, v in result.timings.items()}  # of the evaluated (last) run
         rows[-1]["linear_params_kept"] = params_kept(result)
-        rows[-1]["peak_rss_mib_so_far"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        rows[-1]["peak_rss_mib_row"] = peak_rss_mib_since_reset()  # compression and evaluation of this row
+        rows[-1]["peak_rss_mib_so_far"] = peak_so_far(rows[-1]["peak_rss_mib_row"])
         console.print(f"  {name}: compression {result.timings['total_seconds']:.1f} s (median of {len(runs)}: {rows[-1]['compression_seconds']:.1f} s) "
                       f"({', '.join(f'{k} {v:.1f}' for k, v in result.timings.items() if k != 'total_seconds')}), "
-                      f"peak RSS so far {rows[-1]['peak_rss_mib_so_far']:.0f} MiB")
+                      f"peak RSS of the row {rows[-1]['peak_rss_mib_row']} MiB, so far {rows[-1]['peak_rss_mib_so_far']:.0f} MiB")
         console.print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()
                                                 if k in ("perplexity", "kl", "top1_agreement", "cosine_similarity", "bits_per_weight_linears")))
         save(rows)
         del result
         gc.collect()
 
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_rss_mib = peak_so_far()
     calib_used = protocol["calibration"]["used_by"]
     calib_text = (f"{args.samples} x {seq_len} tokens, random.Random({args.seed}), first 60 % (for {', '.join(calib_used)})"
                   if calib_used else "none (no recipe here needs calibration)")

@@ -86,3 +86,30 @@ def test_hf_dataset_spec_is_validated():
 def test_hf_dataset_without_datasets_says_how_to_install():
     with pytest.raises(MissingDependencyError, match=r"needs the 'datasets' package: pip install"):
         tp.data.calibration(tiny_model("llama"), "hf:wikitext:wikitext-2-raw-v1:validation")
+
+
+def test_windows_start_with_bos_when_the_tokenizer_starts_texts_with_it(text_path):
+    """A tokenizer that puts BOS before every text (Gemma, Llama 2) gets windows of BOS and
+    ``seq_len - 1`` text tokens, the text tokens being P1's windows of that length; one that
+    adds none gets P1's windows unchanged."""
+    from tokenizers import processors
+
+    from conftest import make_tokenizer
+
+    lm = tiny_model("llama")
+    plain_eval = tp.data.evaluation(lm, text_path, seq_len=32, windows=3)
+    plain_calib = tp.data.calibration(lm, text_path, samples=3, seq_len=32, seed=0)
+    tok = make_tokenizer()
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert tok("a")["input_ids"][0] == bos
+    lm.tokenizer = tok
+    text = tp.data.text_file(text_path)
+    tokens = text.tokens(tok)
+    win = tp.data.evaluation(lm, text, seq_len=32, windows=3)
+    assert win.input_ids.shape == (3, 32) and (win.input_ids[:, 0] == bos).all()
+    assert torch.equal(win.input_ids[:, 1:], evaluation_windows(tokens, 31, 3, "t").input_ids)
+    cal = tp.data.calibration(lm, text, samples=3, seq_len=32, seed=0)
+    assert cal.input_ids.shape == (3, 32) and (cal.input_ids[:, 0] == bos).all()
+    assert torch.equal(cal.input_ids[:, 1:], calibration_windows(tokens, 3, 31, 0, "t").input_ids)
+    assert "BOS" in win.note and "BOS" not in plain_eval.note and (plain_calib.input_ids[:, 0] != bos).any()

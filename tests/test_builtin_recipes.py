@@ -34,12 +34,13 @@ import torch
 import transformers as T
 
 import tensorpress as tp
-from conftest import ALL_ARCHS, make_tokenizer, tiny_config
+from conftest import ALL_ARCHS, MOE_ARCHS, make_tokenizer, tiny_config
 from tensorpress.errors import RecipeError, TensorpressError
 from tensorpress.methods.base import matches
 from tensorpress.eval.size import size_report
 from tensorpress.methods.structural import is_structural
 from tensorpress.models import LoadedModel, adapter_for
+from tensorpress.models.adapters import ROUTER_ROLES
 from tensorpress.parts import CompressedLinear
 
 WIDTH, FFN, DEPTH = 128, 256, 7
@@ -57,8 +58,11 @@ REFUSALS: list[tuple[tuple[str, ...], tuple[str, ...], type[TensorpressError], s
     # removing whole KV groups needs separate q/k/v (gpt2, gpt_neox and phi3 fuse them) ...
     (("prune-heads-33",), ("gpt2", "gpt_neox", "phi3"), RecipeError, "prune_heads needs separate q, k and v projections"),
     # ... and head counts the model reads from its config (OPT and BERT derive the head width,
-    # OLMo 2's q/k norms span all heads)
-    (("prune-heads-33",), ("opt", "bert", "olmo2"), RecipeError, "cannot lose whole heads by a config change"),
+    # OLMo 2's and OLMoE's q/k norms span all heads, Cohere's and StableLM's optional ones hold a row per head)
+    (("prune-heads-33",), ("opt", "bert", "olmo2", "olmoe", "cohere", "stablelm"), RecipeError,
+     "cannot lose whole heads by a config change"),
+    # a channel of one expert is not a channel of another
+    (("prune-ffn-10", "prune-ffn-20", "prune-ffn-30"), tuple(MOE_ARCHS), RecipeError, "its FFN is a mixture of experts"),
     # a bridge takes no cache layer, and the cache's layer kinds go by position: not for models
     # that mix sliding-window and global layers
     (("drop-blocks-2-linear", "drop-blocks-4-linear", "drop-blocks-6-linear"), ("gemma2", "gemma3_text"), RecipeError,
@@ -206,7 +210,9 @@ def check_changed(subject: Subject, result: tp.CompressionResult, out: torch.Ten
     assert set(result.layers) == compressed
     prefix = result.model.adapter.blocks_path(model)
     blocks = result.model.adapter.blocks(model)
-    wanted = {f"{prefix}.{i}.{rel}" for i in range(len(blocks)) for rel in result.model.adapter.block_linears()}
+    routers = set(result.model.adapter.linears_with(*ROUTER_ROLES))  # kept unless a targets pattern names them
+    wanted = {f"{prefix}.{i}.{rel}" for i in range(len(blocks)) for rel in result.model.adapter.block_linears()
+              if rel not in routers}
     for stage in stages:
         if not is_structural(stage):
             assert {n for n in wanted if stage.selects(n)} <= compressed, stage.name

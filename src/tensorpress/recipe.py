@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -82,6 +82,18 @@ def build_stage(index: int, raw: Any) -> MethodConfig:
         raise RecipeError(f"{where} ({name}): {problems}") from None
 
 
+class ExpertPolicy(BaseModel):
+    """What a recipe says about a mixture-of-experts model's experts that few calibration tokens
+    reach (``engine/experts.py``); ignored for other models."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_tokens: int | None = Field(None, ge=0, description="routed tokens below which an expert is starved "
+                                   "(default: the expert's input width)")
+    few_tokens: Literal["weighted", "rtn"] = Field("weighted", description="statistics of a starved expert: all "
+                                                   "tokens weighted by router probability, or round-to-nearest")
+
+
 class Recipe(BaseModel):
     """An ordered list of stages, applied block by block in order."""
 
@@ -90,6 +102,7 @@ class Recipe(BaseModel):
     name: str = "custom"
     description: str = ""
     stages: list[MethodConfig] = Field(min_length=1)
+    experts: ExpertPolicy = Field(default_factory=ExpertPolicy)
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -136,6 +149,7 @@ class Recipe(BaseModel):
             "name": self.name,
             "description": self.description,
             "stages": [s.model_dump(mode="json") for s in self.stages],
+            **({"experts": self.experts.model_dump(mode="json")} if self.experts != ExpertPolicy() else {}),
         }
 
     def to_yaml(self) -> str:

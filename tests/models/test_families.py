@@ -130,3 +130,29 @@ def test_prune_ffn_cuts_phi3s_fused_gate_up_rows_consistently(text_path):
         up_rows = [int(torch.nonzero((w0[inter:] == row).all(1))[0]) for row in w1[kept:]]
         assert gate_rows == up_rows == sorted(gate_rows)
         assert torch.equal(after.mlp.down_proj.weight, before.mlp.down_proj.weight[:, gate_rows])
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_parallel_attention_and_ffn_share_one_group_and_its_norm(parallel):
+    """StableLM with ``use_parallel_residual`` (as Cohere always) feeds attention and FFN from
+    one norm: q/k/v and gate/up are then one group whose producer is that norm, and a scale
+    folded into it is exact only when every reader takes it."""
+    config = tiny_config("stablelm")
+    config.use_parallel_residual = parallel
+    torch.manual_seed(0)
+    lm = LoadedModel(T.AutoModelForCausalLM.from_config(config).eval(), make_tokenizer(), adapter_for("stablelm"), "tiny")
+    first = lm.adapter.linear_groups[0]
+    assert ("mlp.gate_proj" in first) == parallel
+    assert lm.adapter.producer_of(0) == "input_layernorm"
+    ids = torch.randint(3, 300, (2, 12))
+    before = _out(lm, ids)
+    block = lm.adapter.blocks(lm.model)[0]
+    norm = block.get_submodule("input_layernorm")
+    attention = [block.get_submodule(r) for r in first if r.startswith("self_attn")]
+    fold_scale(norm, attention, torch.full((64,), 2.0), lm.adapter.norm_offset)  # the attention's readers only
+    changed = (_out(lm, ids) - before).abs().max().item()
+    assert (changed > 1e-3) == parallel  # in parallel blocks the FFN read the same norm
+    calib = tp.data.TokenWindows(torch.randint(3, 300, (4, 16)), "random")
+    result = tp.compress(LoadedModel(T.AutoModelForCausalLM.from_config(config).eval(), make_tokenizer(),
+                                     adapter_for("stablelm"), "tiny"), "awq-w4g128", calib, batch_size=2)
+    assert len(result.layers) == 2 * 7

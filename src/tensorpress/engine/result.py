@@ -36,12 +36,37 @@ class CompressionResult:
     layers: dict[str, LayerReport]
     timings: dict[str, float] = field(default_factory=dict)
     calibration: str = ""  # description of the calibration windows, "" when none were used
+    # mixture-of-experts models: block name -> calibration tokens the router sent to each expert
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def bits_per_weight(self) -> float:
         """Bits per weight over the compressed linears (parts only, biases excluded)."""
         numel = sum(r.numel for r in self.layers.values())
         return sum(r.weight_bits for r in self.layers.values()) / numel if numel else float("nan")
+
+    def experts(self) -> list[dict[str, Any]]:
+        """Mixture-of-experts models: one row per block and expert, with the calibration tokens
+        routed to it, its compressed weights, their exact bits and bytes; empty otherwise."""
+        adapter, model = self.model.adapter, self.model.model
+        if adapter.moe is None:
+            return []
+        prefix = adapter.blocks_path(model) + "."
+        rows: dict[tuple[int, int], dict[str, Any]] = {}
+        for name, report in self.layers.items():
+            block, _, rel = name.removeprefix(prefix).partition(".")
+            expert = adapter.expert_of(rel) if block.isdigit() else None
+            if expert is None:
+                continue
+            tokens = self.expert_tokens.get(f"{prefix}{block}")
+            row = rows.setdefault((int(block), expert), {"block": int(block), "expert": expert, "weights": 0, "bits": 0,
+                                                         "tokens": tokens[expert] if tokens else None})
+            row["weights"] += report.numel
+            row["bits"] += report.weight_bits
+        for row in rows.values():
+            row["bits_per_weight"] = row["bits"] / row["weights"]
+            row["bytes"] = row["bits"] / 8
+        return [rows[k] for k in sorted(rows)]
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write a checkpoint directory (atomic); ``tp.load_compressed(path)`` reads it back."""
@@ -54,6 +79,7 @@ class CompressionResult:
                 "timings": self.timings,
                 "calibration": self.calibration,
                 "layer_seconds": {n: r.seconds for n, r in self.layers.items()},
+                **({"expert_tokens": self.expert_tokens} if self.expert_tokens else {}),
             },
         )
 
@@ -65,4 +91,5 @@ class CompressionResult:
             "timings": self.timings,
             "calibration": self.calibration,
             "layers": {n: asdict(r) for n, r in self.layers.items()},
+            **({"experts": self.experts()} if self.model.adapter.moe is not None else {}),
         }

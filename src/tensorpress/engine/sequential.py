@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from tensorpress.data import TokenWindows, check_context
 from tensorpress.engine.capture import capture_block_inputs, device_of, run_block
+from tensorpress.engine.experts import ExpertPlan, plan_experts
 from tensorpress.engine.checks import (
     check_finite,
     check_patterns,
@@ -51,6 +52,7 @@ from tensorpress.methods.quant.mixed import (
 from tensorpress.methods.structural import is_structural
 from tensorpress.methods.structural.depth import LinearBridge, bridge_indices
 from tensorpress.models import LoadedModel
+from tensorpress.models.adapters import ROUTER_ROLES
 from tensorpress.parts import CompressedEmbedding, CompressedLinear, TiedHead
 from tensorpress.parts.linear import dense_weights_cached, embed_scale_of
 from tensorpress.progress import track
@@ -71,13 +73,15 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
 
 def _stage_linears(lm: LoadedModel, block: nn.Module, block_name: str, stage: MethodConfig) -> list[str]:
     """Names (relative to the block) of the block's linears that ``stage`` selects (none in a
-    linear bridge, which stays as fitted)."""
+    linear bridge, which stays as fitted). A mixture-of-experts router is taken only by a
+    targets pattern that names it: it is small, and every token's path depends on it."""
     if isinstance(block, LinearBridge):
         return []
     return [
         rel
         for rel in lm.adapter.block_linears()
-        if is_linear(block.get_submodule(rel)) and stage.selects(f"{block_name}.{rel}")
+        if is_linear(block.get_submodule(rel))
+        and (_selects_table if lm.adapter.role_of(rel) in ROUTER_ROLES else MethodConfig.selects)(stage, f"{block_name}.{rel}")
     ]
 
 
@@ -149,8 +153,8 @@ def _resolve_file_types(lm: LoadedModel, model: nn.Module, recipe: Recipe, head:
 
 
 def _selects_table(stage: MethodConfig, name: str) -> bool:
-    """The input embeddings are taken only by a targets pattern that names them, not by the
-    default ``*`` (all linears), whatever the ignore list says."""
+    """The input embeddings (and routers) are taken only by a targets pattern that names them,
+    not by the default ``*`` (all linears), whatever the ignore list says."""
     return stage.selects(name) and any(p != "*" and matches(name, [p]) for p in stage.targets)
 
 
@@ -287,17 +291,24 @@ def compress(
     prefix = lm.adapter.blocks_path(model)
     blocks = lm.adapter.blocks(model)
     layers: dict[str, LayerReport] = {}
+    expert_tokens: dict[str, list[int]] = {}  # block -> calibration tokens routed to each expert
     for i, block in enumerate(track(blocks, f"compressing {len(blocks)} blocks")):
         originals: dict[str, torch.Tensor] = {}
         outputs: list[BlockCall] | None = None  # the block's outputs, if a pass produced them
-        for stage in recipe.stages:
+        for index, stage in enumerate(recipe.stages):
             rels = _stage_linears(lm, block, f"{prefix}.{i}", stage)
             if not rels:
                 continue
             outputs = None
             name = f"{prefix}.{i}"
+            plan = None
+            if stage.needs:
+                with _timed(timings, "expert_routing_seconds"):
+                    plan = plan_experts(block, name, lm.adapter, calls, stage, rels, recipe.experts, index)
+                if plan is not None:
+                    expert_tokens.setdefault(name, plan.tokens)
             if stage.needs and not stage.scales_inputs() and stage.sequential:
-                outputs = _true_sequential(lm, block, name, stage, rels, calls, originals, layers, timings)
+                outputs = _true_sequential(lm, block, name, stage, rels, calls, originals, layers, timings, plan)
                 continue
             stats: dict[str, dict[str, Any]] = {}
             if stage.needs:
@@ -309,16 +320,19 @@ def compress(
                 ) as hooks, dense_weights_cached(block):
                     run_block(block, calls)
                 stats = {r: s.as_dict() for r, s in hooks.stats.items()}
+                if plan is not None:  # starved experts: statistics of all tokens, weighted
+                    stats = {r: plan.stats_for(r, st) for r, st in stats.items()}
                 for rel, st in stats.items():
                     check_stats_finite(f"{name}.{rel}", st)
             with _timed(timings, "methods_seconds"):
                 if stage.scales_inputs():
-                    _scale_groups(lm, block, name, stage, rels, stats)
+                    _scale_groups(lm, block, name, stage, rels, stats, plan)
                 by_input: dict[Any, list[str]] = {}  # linears reading the same input share statistics
                 for rel in rels:
                     by_input.setdefault(lm.adapter.group_of(rel), []).append(rel)
                 for members in by_input.values():
-                    _apply_shared(block, name, members, stage, stats.get(members[0], {}), originals, layers)
+                    chosen = plan.stage_for(members[0], stage) if plan is not None else stage
+                    _apply_shared(block, name, members, chosen, stats.get(members[0], {}), originals, layers)
         if needs_calib and i + 1 < len(blocks):
             if outputs is not None:
                 calls = outputs
@@ -341,7 +355,7 @@ def compress(
     used = calib.describe() if calib is not None and (needs_calib or allocates or structural) else ""
     # the recipe as run: structural stages, then the others with their allocations resolved
     resolved = full_recipe.model_copy(update={"stages": [*structural, *recipe.stages]})
-    return CompressionResult(compressed, resolved, layers, timings, used)
+    return CompressionResult(compressed, resolved, layers, timings, used, expert_tokens)
 
 
 def _true_sequential(
@@ -354,6 +368,7 @@ def _true_sequential(
     originals: dict[str, torch.Tensor],
     layers: dict[str, LayerReport],
     timings: dict[str, float],
+    plan: ExpertPlan | None = None,
 ) -> list[BlockCall]:
     """Apply ``stage`` to the block's selected linears group by group in execution order, each
     group from statistics of inputs that already went through the compressed earlier groups;
@@ -365,9 +380,12 @@ def _true_sequential(
     spent = timings.get("methods_seconds", 0.0)
 
     def compress_group(members: list[str], stats: dict[str, Any]) -> None:
+        chosen = stage
+        if plan is not None:  # a starved expert: substitute statistics, or round to nearest
+            stats, chosen = plan.stats_for(members[0], stats), plan.stage_for(members[0], stage)
         check_stats_finite(", ".join(f"{block_name}.{rel}" for rel in members), stats)
         with _timed(timings, "methods_seconds"):
-            _apply_shared(block, block_name, members, stage, stats, originals, layers)
+            _apply_shared(block, block_name, members, chosen, stats, originals, layers)
 
     start = time.perf_counter()
     with dense_weights_cached(block):
@@ -495,7 +513,8 @@ def _allocate_stages(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: T
 
 
 def _scale_groups(
-    lm: LoadedModel, block: nn.Module, block_name: str, stage: MethodConfig, rels: list[str], stats: dict[str, dict[str, Any]]
+    lm: LoadedModel, block: nn.Module, block_name: str, stage: MethodConfig, rels: list[str], stats: dict[str, dict[str, Any]],
+    plan: ExpertPlan | None = None,
 ) -> None:
     """Let ``stage`` choose a per-input-channel scale for each linear group whose input
     producer can absorb it, and fold it in exactly (``engine/folding.py``). All scales are
@@ -507,6 +526,8 @@ def _scale_groups(
         producer_rel = lm.adapter.producer_of(gi)
         if not members or producer_rel is None or not selected.issuperset(members):
             continue
+        if plan is not None and plan.stage_for(members[0], stage) is not stage:
+            continue  # a starved expert rounded to nearest: no statistics to choose scales from
         modules = [block.get_submodule(r) for r in members]
         producer = block.get_submodule(producer_rel)
         if any(isinstance(m, CompressedLinear) for m in modules) or not can_fold_into(producer, in_features(modules[0])):

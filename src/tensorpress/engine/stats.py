@@ -48,13 +48,21 @@ class InputStats:
         self.act_abs = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_abs" in needs else None
         self.act_sum = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_sum" in needs else None
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add the rows of ``x`` (any leading shape; the last dimension is the input), each
+        counted ``weights`` times if given (one weight per row: then ``tokens`` is their sum)."""
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        self.tokens += x.shape[0]
+        if weights is None:
+            self.tokens += x.shape[0]
+            root = x
+        else:
+            w = weights.reshape(-1, 1).float()
+            self.tokens += float(w.sum())
+            root, x = x * w.sqrt(), x * w  # sums of squares and products take sqrt(w) per factor
         if self.xtx is not None:
-            self._add_gram(x)
+            self._add_gram(root)
         if self.act_sq is not None:
-            self.act_sq += x.square().sum(dim=0).double()
+            self.act_sq += root.square().sum(dim=0).double()
         if self.act_abs is not None:
             self.act_abs += x.abs().sum(dim=0).double()
         if self.act_sum is not None:

@@ -297,6 +297,7 @@ def _build_model(path: Path, manifest: dict[str, Any], config: Any, adapter: Any
                               f"(it asks for {wanted:,} weights; the files hold {held:,})")
     with untrusted(f"{path}: config.json"), torch.device("meta"):
         skeleton = cls(config)
+        adapter = adapter.bind(skeleton)  # mixture-of-experts models: experts as linears, as they were saved
     for name, entry in compressed.items():
         try:
             module = skeleton.get_submodule(name)
@@ -324,6 +325,7 @@ def _build_model(path: Path, manifest: dict[str, Any], config: Any, adapter: Any
     dtype = getattr(torch, manifest["dtype"])
     with untrusted(f"{path}: config.json"):
         model = cls(config)
+    adapter.bind(model)
     return model.to(dtype).eval(), dtype
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tensorpress.errors import ExportError
 from tensorpress.io.dense import check_loadable, dense_copy, source_classes
+from tensorpress.models.experts import fuse_experts
 from tensorpress.io.files import atomic_dir, check_output
 from tensorpress.models import LoadedModel
 
@@ -24,6 +25,8 @@ def export_hf(lm: LoadedModel, path: str | os.PathLike, *, overwrite: bool = Fal
     check_output(path, overwrite)
     check_loadable(lm)
     model = dense_copy(lm.model)
+    if lm.adapter.moe is not None:  # experts back into the fused tensors transformers loads
+        fuse_experts(lm.adapter.blocks(model), lm.adapter.moe)
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     with atomic_dir(path, overwrite=overwrite) as tmp:

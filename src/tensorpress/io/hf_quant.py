@@ -63,6 +63,10 @@ def plan(lm: LoadedModel, fmt: str, dtype: torch.dtype, accepts: Callable[[IntGr
     hold that grid (None when it can). Refusals name the layer, why, and what would work."""
     from tensorpress.io.dense import source_classes
 
+    if lm.adapter.moe is not None:
+        raise ExportError(f"{lm.spec}: {fmt} export of mixture-of-experts models ({lm.adapter.family}) is not supported: "
+                          "transformers keeps their experts as fused 3-D tensors, which this format's quantized "
+                          "loaders do not take per expert; export as hf (dequantized) or keep the tensorpress checkpoint")
     classes = source_classes(lm.model)
     grids, dense, plain = {}, [], []
     for name, module in lm.model.named_modules():

@@ -9,11 +9,17 @@ adapter: the engine uses it to hand them linears and statistics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from tensorpress.errors import UnsupportedArchitectureError
+from tensorpress.models.experts import MoeLayout, split_experts
+
+# roles of a mixture-of-experts block's linears (llama.cpp's tensor names, one linear per expert)
+ROUTER_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # kept unless a stage's targets name them
+EXPERT_ROLES = ("ffn_gate_exp", "ffn_up_exp", "ffn_down_exp")
+SHARED_ROLES = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,72 @@ class Adapter:
     # whether the model multiplies its embeddings by a factor derived from the hidden size
     # (Gemma: sqrt(hidden)), which changing that size would change
     scaled_embeddings: bool = False
+    # a mixture-of-experts block's layout; ``linear_groups`` then lists the attention only until
+    # ``bind`` adds the router, each expert and the shared expert for the model's expert count
+    moe: MoeLayout | None = None
+    num_experts: int = 0  # set by ``bind``
+    # attention and FFN read one norm's output, their branches summed into the residual (Cohere;
+    # StableLM and others when the config flag named here is true): ``bind`` then makes q/k/v and
+    # the FFN's input linears one group (one input, one producer), so a scale folded into that
+    # norm reaches every reader
+    parallel: bool | str = False
+    bound: bool = False  # set by ``bind``
+
+    def bind(self, model: nn.Module) -> Adapter:
+        """This adapter for one loaded model: its groups as the model's config lays them out
+        (parallel attention and FFN share one group); a mixture-of-experts model's experts become
+        linears (``models/experts.py``, in place) and the groups name each of them, in execution
+        order. Idempotent."""
+        if self.moe is not None:
+            split_experts(self.blocks(model), self.moe, self.family)
+        if self.bound:
+            return self
+        config = model.config.get_text_config()
+        parallel = self.parallel if isinstance(self.parallel, bool) else bool(getattr(config, self.parallel, False))
+        if parallel:  # groups (q, k, v), (o), (gate, up), (down) -> (q, k, v, gate, up), (o), (down)
+            groups, producers = list(self.linear_groups), list(self.producers)
+            groups[0] = groups[0] + groups.pop(2)
+            producers.pop(2)
+            return replace(self, linear_groups=tuple(groups), producers=tuple(producers), bound=True)
+        if self.moe is None:
+            return replace(self, bound=True)
+        n = self.moe.num_experts(config)
+        base = self.moe.block
+        groups: list[tuple[str, ...]] = []
+        producers: list[str | None] = []
+        roles: list[tuple[str, str]] = []
+
+        def add(names: tuple[str, ...], producer: str | None, kinds: tuple[str, ...]) -> None:
+            groups.append(names)
+            producers.append(producer)
+            roles.extend(zip(names, kinds, strict=True))
+
+        def shared() -> None:
+            s = f"{base}.{self.moe.shared}"
+            add((f"{s}.gate_proj", f"{s}.up_proj"), None, SHARED_ROLES[:2])
+            add((f"{s}.down_proj",), f"{s}.up_proj", SHARED_ROLES[2:])
+
+        if self.moe.shared and self.moe.shared_first:
+            shared()
+        # every expert reads the FFN norm's output too (its routed rows): no scale can be folded
+        # into that norm for one group alone, so the router and the gate/up groups have no producer
+        add((f"{base}.{self.moe.router}.proj",), None, ROUTER_ROLES[:1])
+        for e in range(n):
+            x = f"{base}.{self.moe.experts}.{e}"
+            add((f"{x}.gate_proj", f"{x}.up_proj"), None, EXPERT_ROLES[:2])
+            add((f"{x}.down_proj",), f"{x}.up_proj", EXPERT_ROLES[2:])
+        if self.moe.shared and not self.moe.shared_first:
+            shared()
+        if self.moe.shared_gate:
+            add((f"{base}.{self.moe.shared_gate}",), None, ROUTER_ROLES[1:])
+        return replace(self, linear_groups=self.linear_groups + tuple(groups), producers=self.producers + tuple(producers),
+                       roles=self.roles + tuple(roles), num_experts=n, bound=True)
+
+    def expert_of(self, relative_name: str) -> int | None:
+        """The expert a block linear belongs to, or None (attention, router, shared expert)."""
+        if self.moe is None or self.role_of(relative_name) not in EXPERT_ROLES:
+            return None
+        return int(relative_name.removeprefix(f"{self.moe.block}.{self.moe.experts}.").split(".")[0])
 
     def producer_of(self, group: int) -> str | None:
         return self.producers[group] if group < len(self.producers) else None
@@ -129,6 +201,14 @@ def _llama_layout(family: str, model_types: tuple[str, ...], producers: tuple[st
                    roles=_LLAMA_ROLES, **facts)
 
 
+def _moe_layout(family: str, model_types: tuple[str, ...], moe: MoeLayout, **facts) -> Adapter:
+    """An adapter for a mixture-of-experts family with Llama's attention and norms; its FFN
+    groups come from ``Adapter.bind``."""
+    return Adapter(family=family, model_types=model_types, base_paths=("model",), blocks_paths=("model.layers",),
+                   final_norm_paths=("model.norm",), linear_groups=_LLAMA_GROUPS[:2],
+                   producers=("input_layernorm", "self_attn.v_proj"), roles=_LLAMA_ROLES[:4], moe=moe, **facts)
+
+
 ADAPTERS: tuple[Adapter, ...] = (
     # o_proj's inputs are v_proj's outputs only when every query head has its own KV head; the
     # engine checks the widths before folding there. Granite: scalar multipliers in the config.
@@ -148,6 +228,25 @@ ADAPTERS: tuple[Adapter, ...] = (
     # inputs; q/k norms over the whole projection (not per head), so heads are not removed by config
     _llama_layout("olmo2", ("olmo2",), (None, "self_attn.v_proj", None, "mlp.up_proj"),
                   post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+    # Mixtral, Qwen3-MoE: top-k experts in every block; OLMoE: the same with q/k norms over the
+    # whole projection (as OLMo 2, so heads are not removed by config); Qwen2-MoE: also a shared
+    # expert, run first, whose output a sigmoid gate scales
+    _moe_layout("mixtral", ("mixtral", "qwen3_moe"), MoeLayout(), head_config=True),
+    _moe_layout("olmoe", ("olmoe",), MoeLayout()),
+    _moe_layout("qwen2_moe", ("qwen2_moe",), MoeLayout(shared="shared_expert", shared_gate="shared_expert_gate",
+                                                       shared_first=True), head_config=True),
+    # Cohere (Command-R): attention and FFN in parallel from one mean-subtracting norm without
+    # bias; logits scaled by config.logit_scale; heads not removed by config (the optional
+    # q/k norms hold one weight row per head)
+    Adapter(family="cohere", model_types=("cohere",), base_paths=("model",), blocks_paths=("model.layers",),
+            final_norm_paths=("model.norm",), linear_groups=_LLAMA_GROUPS, roles=_LLAMA_ROLES,
+            producers=("input_layernorm", "self_attn.v_proj", None, "mlp.up_proj"), norm_kind="layer", parallel=True),
+    # StableLM: LayerNorms with biases; parallel attention and FFN from input_layernorm when
+    # config.use_parallel_residual (then there is no post_attention_layernorm)
+    Adapter(family="stablelm", model_types=("stablelm",), base_paths=("model",), blocks_paths=("model.layers",),
+            final_norm_paths=("model.norm",), linear_groups=_LLAMA_GROUPS, roles=_LLAMA_ROLES,
+            producers=("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"),
+            norm_kind="layer", parallel="use_parallel_residual"),
     Adapter(
         # Phi-3 / Phi-4: one linear for q|k|v and one for gate|up (its rows: the gate's, then the up's)
         family="phi3",

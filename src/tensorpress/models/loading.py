@@ -121,6 +121,9 @@ class LoadedModel:
     spec: str  # what the user asked for: a built-in name, a path or a hub id
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.adapter = self.adapter.bind(self.model)  # mixture-of-experts models: experts as linears
+
     @property
     def causal(self) -> bool:
         return self.adapter.causal

@@ -49,6 +49,23 @@ def report_table(report: EvalReport, title: str = "result") -> Table:
     return table
 
 
+def experts_table(rows: list[dict[str, Any]]) -> Table:
+    """Per expert (over its blocks): calibration tokens routed to it (fewest, most), bits per
+    weight and exact storage; ``rows`` from ``CompressionResult.experts()``."""
+    by_expert: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_expert.setdefault(row["expert"], []).append(row)
+    table = Table(title=f"{len(by_expert)} experts in {len({r['block'] for r in rows})} blocks", header_style="bold")
+    for col in ("expert", "tokens (fewest, most)", "bits/weight", "MB"):
+        table.add_column(col, justify="right")
+    for expert, mine in sorted(by_expert.items()):
+        tokens = [r["tokens"] for r in mine if r["tokens"] is not None]
+        bits, weights = sum(r["bits"] for r in mine), sum(r["weights"] for r in mine)
+        table.add_row(str(expert), f"{min(tokens):,}, {max(tokens):,}" if tokens else "-", f"{bits / weights:.3f}",
+                      f"{bits / 8e6:.3f}")
+    return table
+
+
 def layers_table(manifest: dict[str, Any]) -> Table:
     table = Table(title=f"{len(manifest['layers'])} compressed layers", header_style="bold")
     for col, justify in (("layer", "left"), ("shape", "right"), ("parts", "left"), ("bits", "right"), ("bits/weight", "right")):

@@ -85,9 +85,11 @@ def fisher_diagonals(model: nn.Module, weights: dict[str, torch.Tensor], windows
             for row in track(list(windows), "measuring layer sensitivities (Fisher)"):
                 ids = row[None].to(next(iter(weights.values())).device)
                 loss = model(input_ids=ids, labels=ids).loss
-                grads = torch.autograd.grad(loss, list(weights.values()))
+                # a mixture-of-experts expert no token of this window was routed to has no gradient
+                grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
                 for name, g in zip(weights, grads):
-                    fisher[name] += g.float().square()
+                    if g is not None:
+                        fisher[name] += g.float().square()
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

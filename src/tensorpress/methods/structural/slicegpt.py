@@ -48,6 +48,8 @@ def _writers(adapter: Any) -> list[str]:
 
 def refusal(adapter: Any, model_type: str) -> str | None:
     """Why SliceGPT's rotation does not apply to this architecture, or None."""
+    if adapter.moe is not None:
+        return "its FFN is a mixture of experts: the rotation would have to reach the router and every expert"
     if adapter.norm_kind != "rms":
         return "its LayerNorms subtract the mean, which a rotation of the residual stream does not commute with"
     if adapter.post_norms:

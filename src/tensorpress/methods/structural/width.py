@@ -130,6 +130,10 @@ class PruneFFN(_ChannelPruning):
         adapter = lm.adapter
         in_rels, out_rels = adapter.linears_with("ffn_gate", "ffn_up"), adapter.linears_with("ffn_down")
         fused = adapter.linears_with("ffn_gate_up")  # rows [gate | up]: a channel is a row in each half
+        if adapter.moe is not None:
+            raise RecipeError(f"prune_ffn does not apply to {adapter.family}: its FFN is a mixture of experts (a channel "
+                              "of one expert is not a channel of another); compress the experts with a quantizer, "
+                              "sparsity or low-rank stage instead")
         if len(out_rels) != 1 or not (in_rels or fused):
             raise RecipeError(f"prune_ffn: needs FFN input linears and one FFN output linear; the {adapter.family} adapter "
                               f"names {in_rels + fused} and {out_rels}")

@@ -9,7 +9,9 @@ spreads tokens unevenly as an untrained one does. With few calibration windows, 
 fewer tokens than their input width: the policies differ exactly there.
 
 Rows: RTN (no statistics), then the GPTQ stage under each policy: ``routed`` (every expert's own
-tokens, however few: ``min_tokens 0``), ``weighted`` (default) and ``rtn``. Quality on the P1
+tokens, however few: ``min_tokens 0``; the default ``min_tokens 1`` differs only for experts no
+token reached), and with ``min_tokens None`` (starved: below the input width) ``weighted`` and
+``rtn``. Quality on the P1
 evaluation windows, never on calibration data.
 
     .venv/bin/python bench/moe.py [--experts 8] [--samples 4] [--bits 3]
@@ -95,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     cache: dict = {}  # the upcycled model's outputs, computed once
     runs = [("rtn", {"method": "rtn", **stage}, {}),
             ("gptq, routed tokens only", {"method": "gptq", **stage}, {"min_tokens": 0}),
-            ("gptq, weighted (default)", {"method": "gptq", **stage}, {}),
-            ("gptq, rtn for starved", {"method": "gptq", **stage}, {"few_tokens": "rtn"})]
+            ("gptq, weighted for starved", {"method": "gptq", **stage}, {"min_tokens": None}),
+            ("gptq, rtn for starved", {"method": "gptq", **stage}, {"min_tokens": None, "few_tokens": "rtn"})]
     for label, method, policy in runs:
         start = time.perf_counter()
         result = tp.compress(lm, tp.Recipe(stages=[method], experts=policy), calib)

@@ -88,8 +88,12 @@ class ExpertPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_tokens: int | None = Field(None, ge=0, description="routed tokens below which an expert is starved "
-                                   "(default: the expert's input width)")
+    # default 1: an expert keeps its own routed tokens however few (GPTQ's damping copes), only
+    # one no calibration token reached gets substitute statistics: on an upcycled 8-expert
+    # SmolLM2 at w3g128 with 4 x 512 tokens, routed-only gave ppl 67.6, weighted 85.9, rtn 92.1
+    # for the experts below their input width (bench/moe.py)
+    min_tokens: int | None = Field(1, ge=0, description="routed tokens below which an expert is starved "
+                                   "(None: the expert's input width)")
     few_tokens: Literal["weighted", "rtn"] = Field("weighted", description="statistics of a starved expert: all "
                                                    "tokens weighted by router probability, or round-to-nearest")
 

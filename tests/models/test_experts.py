@@ -139,7 +139,7 @@ def test_starved_experts_round_to_nearest_when_asked_with_a_warning(caplog):
     assert not torch.equal(routed, rtn.apply(LayerInput("w", original.mlp.experts[1].up_proj.weight,
                                                         original.mlp.experts[1].up_proj.weight, None, {}))[0].dense())
     # the same recipe names its policy in the result; a stage that is no quantizer cannot round
-    assert result.recipe.to_dict()["experts"] == {"min_tokens": None, "few_tokens": "rtn"}
+    assert result.recipe.to_dict()["experts"] == {"min_tokens": 1, "few_tokens": "rtn"}
     with pytest.raises(RecipeError, match="few_tokens 'rtn' needs a quantizer stage"):
         tp.compress(lm, tp.Recipe(stages=[{"method": "sparsegpt", "sparsity": 0.5}], experts={"few_tokens": "rtn"}),
                     calib, batch_size=2)
@@ -149,11 +149,17 @@ def test_min_tokens_sets_what_counts_as_starved():
     lm = tiny_model("olmoe")
     calib = tp.data.TokenWindows(torch.randint(3, 300, (4, 32)), "random")
     _Recorder.seen.clear()
-    result = tp.compress(lm, tp.Recipe(stages=[{"method": "test_record_expert_stats"}], experts={"min_tokens": 0}), calib)
+    result = tp.compress(lm, tp.Recipe(stages=[{"method": "test_record_expert_stats"}]), calib)
     tokens = result.expert_tokens["model.layers.0"]
     assert sum(tokens) == 2 * 4 * 32  # two experts per token
-    for e, n in enumerate(tokens):  # min_tokens 0: every expert keeps its routed statistics
-        assert _Recorder.seen[f"model.layers.0.mlp.experts.{e}.gate_proj"]["tokens"] == n
+    for e, n in enumerate(tokens):  # the default: every expert a token reached keeps its routed statistics
+        assert n > 0 and _Recorder.seen[f"model.layers.0.mlp.experts.{e}.gate_proj"]["tokens"] == n
+    _Recorder.seen.clear()
+    by_width = tp.compress(lm, tp.Recipe(stages=[{"method": "test_record_expert_stats"}], experts={"min_tokens": None}), calib)
+    assert by_width.expert_tokens == result.expert_tokens
+    for e, n in enumerate(tokens):  # below the 64 inputs: all 128 tokens, weighted (a probability mass below 128)
+        seen = _Recorder.seen[f"model.layers.0.mlp.experts.{e}.gate_proj"]["tokens"]
+        assert seen == n if n >= 64 else (isinstance(seen, float) and 0 < seen < 128)
 
 
 def test_routers_are_kept_unless_a_stage_names_them(tmp_path):

@@ -2,8 +2,9 @@
 
 A hook on an expert's linear sees the tokens the router sent to that expert (``models/experts``),
 so each expert's statistics are its routed tokens' without more work. An expert that received
-fewer than the recipe's ``experts.min_tokens`` (default: its input width, below which ``XᵀX`` is
-singular) is *starved*; ``experts.few_tokens`` says what it gets instead:
+fewer than the recipe's ``experts.min_tokens`` (default 1: no token at all; ``None``: its input
+width, below which ``XᵀX`` is singular) is *starved*; ``experts.few_tokens`` says what it gets
+instead:
 
 * ``weighted`` (default): statistics over *all* calibration tokens, each weighted by the
   router's probability for this expert (softmax of its logits): the inputs it would see if it

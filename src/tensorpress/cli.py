@@ -93,10 +93,11 @@ def compress(
     result = tp.compress(lm, rec, windows_calib)
     err.print(f"compressed {len(result.layers)} linears in {result.timings['total_seconds']:.1f} s "
               f"({result.bits_per_weight:.3f} bits/weight)")
-    if result.experts():
+    experts = result.experts()
+    if experts:
         from tensorpress.report import experts_table
 
-        err.print(experts_table(result.experts()))
+        err.print(experts_table(experts))
     result.save(output, overwrite=overwrite)
     reloaded = tp.load_compressed(output)
     from tensorpress.eval.quality import max_output_difference

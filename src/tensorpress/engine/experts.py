@@ -38,9 +38,7 @@ from tensorpress.recipe import ExpertPolicy
 log = logging.getLogger(__name__)
 
 
-def moe_modules(block: nn.Module, adapter: Any) -> tuple[RouterLinear, ExpertLinears] | None:
-    if adapter.moe is None:
-        return None
+def moe_modules(block: nn.Module, adapter: Any) -> tuple[RouterLinear, ExpertLinears]:
     moe = block.get_submodule(adapter.moe.block)
     return moe.get_submodule(adapter.moe.router), moe.get_submodule(adapter.moe.experts)
 

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tensorpress.io.checkpoint import save_checkpoint
 from tensorpress.models import LoadedModel
 from tensorpress.recipe import Recipe
@@ -19,6 +21,11 @@ class LayerReport:
     parts: list[str]  # one description per part, e.g. "int4 g128 asym"
     weight_bits: int  # exact storage of the parts
     seconds: float = 0.0
+    # against the weight before the recipe's first stage: ||W - W'||^2 / ||W||^2, and the same of
+    # the outputs on the calibration inputs, tr(dW XtX dWt) / tr(W XtX Wt) (None: no XtX was
+    # collected for this layer, or a structural stage changed its shape)
+    weight_error: float | None = None
+    output_error: float | None = None
 
     @property
     def numel(self) -> int:
@@ -27,6 +34,24 @@ class LayerReport:
     @property
     def bits_per_weight(self) -> float:
         return self.weight_bits / self.numel
+
+
+def layer_errors(original: torch.Tensor, new: torch.Tensor, xtx: torch.Tensor | None) -> tuple[float | None, float | None]:
+    """Relative squared error of a compressed weight, (out, in), in weights and, given the
+    calibration inputs' Gram matrix XtX (in, in), in outputs."""
+    if original.shape != new.shape:
+        return None, None
+    with torch.no_grad():
+        w = original.float()
+        delta = new.float().to(w.device) - w
+        denom = float(w.square().sum())
+        weight_error = float(delta.square().sum()) / denom if denom > 0 else None
+        if xtx is None or xtx.shape[0] != w.shape[1]:
+            return weight_error, None
+        h = xtx.float()
+        signal = float(((w @ h) * w).sum())
+        output_error = float(((delta @ h) * delta).sum()) / signal if signal > 0 else None
+    return weight_error, output_error
 
 
 @dataclass
@@ -79,6 +104,7 @@ class CompressionResult:
                 "timings": self.timings,
                 "calibration": self.calibration,
                 "layer_seconds": {n: r.seconds for n, r in self.layers.items()},
+                "layer_errors": {n: {"weight": r.weight_error, "output": r.output_error} for n, r in self.layers.items()},
                 **({"expert_tokens": self.expert_tokens} if self.expert_tokens else {}),
             },
         )

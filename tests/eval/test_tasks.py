@@ -88,6 +88,34 @@ def test_flips_against_a_reference(root):
     assert flipped.acc_delta == pytest.approx(mine.acc - theirs.acc)
 
 
+def test_reference_answers_are_scored_once_and_cached_on_disk(root, monkeypatch, tmp_path):
+    monkeypatch.setattr(tasks_mod, "answers_cache_dir", lambda: tmp_path / "answers")
+    monkeypatch.setattr(tasks_mod, "_ANSWERS", {})  # nothing from earlier tests
+    lm, ref = tiny_model("llama"), tiny_model("llama", seed=1)
+    calls = []
+    real = tasks_mod.score
+    monkeypatch.setattr(tasks_mod, "score", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+    first = tp.eval.tasks(lm, "arc_easy", reference=ref, root=root, limit=8)["arc_easy"]
+    assert calls.count(ref) == 1 and calls.count(lm) == 1
+    assert len(list(tasks_mod.answers_cache_dir().glob("*.json"))) == 2  # both models' answers
+    ref_file = tasks_mod.answers_cache_dir() / f"{tasks_mod._cache_key(ref, 'arc_easy', tasks_mod.load_questions('arc_easy', 8, root))}.json"
+    assert ref_file.is_file()
+    tasks_mod._ANSWERS.clear()  # a new process: the answers come from the file
+    again = tp.eval.tasks(lm, "arc_easy", reference=ref, root=root, limit=8)["arc_easy"]
+    assert calls.count(ref) == 1 and again.flips == first.flips and again.acc_delta == first.acc_delta
+    tp.eval.tasks(lm, "arc_easy", reference=ref, root=root, limit=6)  # other questions: other answers
+    assert calls.count(ref) == 2
+    changed = tiny_model("llama", seed=1)
+    with torch.no_grad():
+        next(changed.model.parameters()).add_(1e-3)  # other weights: another key
+    tp.eval.tasks(lm, "arc_easy", reference=changed, root=root, limit=8)
+    assert calls.count(changed) == 1
+    tasks_mod._ANSWERS.clear()
+    ref_file.write_text("{broken")  # a damaged cache file is scored again, not trusted
+    assert tp.eval.tasks(lm, "arc_easy", reference=ref, root=root, limit=8)["arc_easy"].flips == first.flips
+    assert calls.count(ref) == 2 + 1
+
+
 def test_bad_task_names_and_a_missing_data_package(root, monkeypatch):
     lm = tiny_model("llama")
     with pytest.raises(CalibrationError, match="unknown task.*available tasks: arc_easy, arc_challenge"):

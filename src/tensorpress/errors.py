@@ -54,3 +54,7 @@ class CodingError(TensorpressError):
 
 class CacheConfigError(TensorpressError):
     """A KV cache asked for with an unknown name, bad settings, or settings beyond the model's limits."""
+
+
+class ReportError(TensorpressError):
+    """Runs, bench files or checkpoints a report cannot be made from (none readable, a bad output path)."""

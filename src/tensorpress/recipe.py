@@ -107,6 +107,12 @@ class Recipe(BaseModel):
     description: str = ""
     stages: list[MethodConfig] = Field(min_length=1)
     experts: ExpertPolicy = Field(default_factory=ExpertPolicy)
+    # where each block's calibration statistics come from: "compressed" (inputs that went through
+    # the blocks compressed before it, and within a block through the linears compressed before
+    # it: GPTQ's sequential order) or "original" (the uncompressed model's activations, so every
+    # linear is compressed from its own weight and the original model's statistics alone, the
+    # same whatever the other linears get: what a per-layer level database needs)
+    inputs: Literal["compressed", "original"] = "compressed"
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -154,6 +160,7 @@ class Recipe(BaseModel):
             "description": self.description,
             "stages": [s.model_dump(mode="json") for s in self.stages],
             **({"experts": self.experts.model_dump(mode="json")} if self.experts != ExpertPolicy() else {}),
+            **({"inputs": self.inputs} if self.inputs != "compressed" else {}),
         }
 
     def to_yaml(self) -> str:

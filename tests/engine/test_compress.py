@@ -204,3 +204,24 @@ def test_head_stages_take_calibration_free_methods_only():
     res = tp.compress(lm, tp.Recipe(stages=[{"method": "rtn", "bits": 8, "targets": ["lm_head"], "ignore": []}]))
     assert list(res.layers) == ["lm_head"]
     assert isinstance(res.model.model.lm_head, CompressedLinear)
+
+
+def test_inputs_original_compresses_each_linear_from_the_uncompressed_models_activations(text_path):
+    """With inputs: original a linear's parts do not depend on what the other linears get: the
+    same as when it is the only one compressed; with the default they do (later blocks see the
+    compressed blocks' outputs)."""
+    lm = tiny_model("llama")
+    calib = tp.data.calibration(lm, source=str(text_path), samples=4, seq_len=32)
+    name = "model.layers.1.mlp.down_proj"
+
+    def parts_of(recipe):
+        result = tp.compress(lm, recipe, calib)
+        return torch.cat([p.dense().flatten() for p in result.model.model.get_submodule(name).parts])
+
+    everything = {"stages": [{"method": "gptq", "bits": 2, "group_size": 64}]}
+    alone = {"stages": [{"method": "gptq", "bits": 2, "group_size": 64, "targets": [name]}]}
+    assert torch.equal(parts_of({**everything, "inputs": "original"}), parts_of({**alone, "inputs": "original"}))
+    assert not torch.equal(parts_of(everything), parts_of(alone))
+    assert tp.recipes.resolve({**everything, "inputs": "original"}).to_dict()["inputs"] == "original"
+    with pytest.raises(tp.errors.RecipeError, match="inputs"):
+        tp.recipes.resolve({**everything, "inputs": "teacher"})

@@ -292,9 +292,12 @@ def compress(
     blocks = lm.adapter.blocks(model)
     layers: dict[str, LayerReport] = {}
     expert_tokens: dict[str, list[int]] = {}  # block -> calibration tokens routed to each expert
+    from_original = recipe.inputs == "original" and needs_calib
     for i, block in enumerate(track(blocks, f"compressing {len(blocks)} blocks")):
         originals: dict[str, torch.Tensor] = {}
         outputs: list[BlockCall] | None = None  # the block's outputs, if a pass produced them
+        # inputs "original": statistics and the next block's inputs from the block as it was
+        source = copy.deepcopy(block) if from_original else block
         for index, stage in enumerate(recipe.stages):
             rels = _stage_linears(lm, block, f"{prefix}.{i}", stage)
             if not rels:
@@ -307,7 +310,7 @@ def compress(
                     plan = plan_experts(block, name, lm.adapter, calls, stage, rels, recipe.experts, index)
                 if plan is not None:
                     expert_tokens.setdefault(name, plan.tokens)
-            if stage.needs and not stage.scales_inputs() and stage.sequential:
+            if stage.needs and not stage.scales_inputs() and stage.sequential and not from_original:
                 outputs = _true_sequential(lm, block, name, stage, rels, calls, originals, layers, timings, plan)
                 continue
             stats: dict[str, dict[str, Any]] = {}
@@ -316,9 +319,9 @@ def compress(
                 # the last group's outputs only feed the block's output, unused here
                 last = [r for r in lm.adapter.linear_groups[-1] if is_linear(block.get_submodule(r))]
                 with _timed(timings, "statistics_seconds"), StatsHooks(
-                    block, rels, stage.needs, shared, skip=last
-                ) as hooks, dense_weights_cached(block):
-                    run_block(block, calls)
+                    source, rels, stage.needs, shared, skip=last
+                ) as hooks, dense_weights_cached(source):
+                    run_block(source, calls)
                 stats = {r: s.as_dict() for r, s in hooks.stats.items()}
                 if plan is not None:  # starved experts: statistics of all tokens, weighted
                     stats = {r: plan.stats_for(r, st) for r, st in stats.items()}
@@ -334,7 +337,10 @@ def compress(
                     chosen = plan.stage_for(members[0], stage) if plan is not None else stage
                     _apply_shared(block, name, members, chosen, stats.get(members[0], {}), originals, layers)
         if needs_calib and i + 1 < len(blocks):
-            if outputs is not None:
+            if from_original:
+                with _timed(timings, "propagate_seconds"):
+                    calls = run_block(source, calls)
+            elif outputs is not None:
                 calls = outputs
             else:
                 with _timed(timings, "propagate_seconds"), dense_weights_cached(block):

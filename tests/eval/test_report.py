@@ -101,12 +101,20 @@ def runs(tmp_path_factory, text_path):
                  {"method": "rtn-w3g128", "perplexity": 320.5, "reference_perplexity": 300.0, "kl": 0.0421,
                   "top1_agreement": 0.9, "bits_per_weight_linears": 3.25, "model_bytes": 1.5e6,
                   "tasks": {"arc_easy": {"acc": 0.5, "flips": 0.25, "n": 4}}}]}))
+    kv = base / "kv-ppl.json"
+    kv.write_text(json.dumps({
+        "section": "ppl", "command": "bench/kv.py ppl", "machine": {"cpu_count": 2},
+        "protocol": {"data": "notes.txt", "context": 2048, "windows": 4, "reference": "full cache, float16 storage"},
+        "rows": [{"method": "full", "ratio_vs_full": 1.0, "perplexity": 20.0, "kl": 0.0, "top1_agreement": 1.0},
+                 {"method": "kivi-4@4x", "ratio_vs_full": 3.9, "perplexity": 20.1, "kl": 0.002, "top1_agreement": 0.98},
+                 {"method": "kivi-2@8x", "ratio_vs_full": 7.6, "perplexity": 21.0, "kl": 0.03, "top1_agreement": 0.93},
+                 {"method": "snapkv@4x", "ratio_vs_full": 4.0, "perplexity": 22.5, "kl": 0.11, "top1_agreement": 0.9}]}))
     old = record_run(base / "old", "eval", "old", {})
     data = json.loads((old / RUN_FILE).read_text())
     data["version"] = 0
     (old / RUN_FILE).write_text(json.dumps(data))
     (base / "notes.json").write_text(json.dumps({"hello": 1}))
-    return {"base": base, "runs": runs, "bench": bench, "old": old}
+    return {"base": base, "runs": runs, "bench": bench, "old": old, "kv": kv}
 
 
 def test_collect_reads_runs_checkpoints_and_bench_files_and_lists_what_it_cannot(runs):
@@ -131,7 +139,8 @@ def test_collect_reads_runs_checkpoints_and_bench_files_and_lists_what_it_cannot
 
 
 def test_report_html_and_markdown_show_the_same_numbers(runs, tmp_path):
-    found = collect([runs["runs"], runs["bench"], runs["old"]])
+    found = collect([runs["runs"], runs["bench"], runs["old"], runs["kv"]])
+    assert [r.method for r in found.kv] == ["full", "kivi-4@4x", "kivi-2@8x", "snapkv@4x"]
     out = write_report(found, tmp_path / "report")
     page = (out / "index.html").read_text()
     md = (out / "report.md").read_text()
@@ -144,7 +153,8 @@ def test_report_html_and_markdown_show_the_same_numbers(runs, tmp_path):
     assert "<script" not in page and 'src="http' not in page and "url(" not in page  # self-contained, nothing to fetch
     images = re.findall(r'<img src="data:image/png;base64,', page)
     files = sorted(p.name for p in out.glob("*.png"))
-    assert len(images) == len(files) >= 3 and "pareto-bits.png" in files and "layers.png" in files
+    assert len(images) == len(files) == 4 and {"pareto-bits.png", "pareto-mb.png", "layers.png", "kv.png"} == set(files)
+    assert "bench/kv.py ppl" in page  # the KV plot's provenance
     assert all(f"]({name})" in md for name in files)
     again = write_report(found, out)  # a report folder is replaced without --overwrite
     assert again == out
@@ -171,7 +181,7 @@ def _chromium() -> str | None:
 @pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_report_page_renders_in_headless_chromium(runs, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
-    out = write_report(collect([runs["runs"], runs["bench"]]), tmp_path / "report")
+    out = write_report(collect([runs["runs"], runs["bench"], runs["kv"]]), tmp_path / "report")
     problems: list[str] = []
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=[
@@ -191,6 +201,6 @@ def test_report_page_renders_in_headless_chromium(runs, tmp_path):
         finally:
             browser.close()
     assert problems == []
-    assert title == "tensorpress report" and len(sizes) >= 3
+    assert title == "tensorpress report" and len(sizes) == 4
     assert all(done and w > 300 and h > 200 and shown > 300 for done, w, h, shown in sizes)
     assert shot.stat().st_size > 20_000

@@ -33,12 +33,14 @@ def table(data: dict) -> str:
         out.append("| " + " | ".join(cells) + " |")
     p = data.get("protocol", {})
     m = data.get("machine", {})
-    out += ["", f"Protocol {p.get('name')}: {p.get('eval_windows')} windows x {p.get('seq_len')} tokens of "
-                f"`{Path(p.get('data', '')).name}`; calibration {p.get('calibration', {}).get('samples')} windows, seed "
-                f"{p.get('calibration', {}).get('seed')}" + (f"; tasks: first {p['tasks']['limit']} validation questions each, "
-                                                              f"{p['tasks']['scoring']}" if tasks else "") + ".",
-            f"Command: `{data.get('command')}`. Machine: {m.get('processor')}, {m.get('cpu_count')} CPUs, torch "
-            f"{m.get('torch')}; {data.get('date')}."]
+    calib = p.get("calibration", {})
+    protocol = (f"Protocol {p.get('name')}: {p.get('eval_windows')} windows x {p.get('seq_len')} tokens of "
+                f"`{Path(p.get('data', '')).name}`; calibration {calib.get('samples')} windows, seed {calib.get('seed')}")
+    if tasks:
+        protocol += f"; tasks: first {p['tasks']['limit']} validation questions each, {p['tasks']['scoring']}"
+    machine = (f"Command: `{data.get('command')}`. Machine: {m.get('processor')}, {m.get('cpu_count')} CPUs, "
+               f"torch {m.get('torch')}; {data.get('date')}.")
+    out += ["", protocol + ".", machine]
     return "\n".join(out)
 
 

@@ -110,7 +110,7 @@ def pareto_plot(entries: list[Entry], size: str) -> bytes | None:
             mine = [p for p in pts if (entries[p[2] - 1].model or "?") == model]
             if mine:
                 ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=28, color=colors[model], zorder=3,
-                           label=model if len(models) > 1 else None)
+                           label=_short(model) if len(models) > 1 else None)
         for x, y, i in pts:
             ax.annotate(f"{i}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         drawn = False
@@ -120,16 +120,24 @@ def pareto_plot(entries: list[Entry], size: str) -> bytes | None:
                 ax.step([p[0] for p in front], [p[1] for p in front], where="post", lw=1.1, zorder=2,
                         color=colors[model] if len(models) > 1 else "#d2691e", label=None if drawn else "Pareto front")
                 drawn = True
-        if drawn or len(models) > 1:
-            ax.legend(fontsize=7)
         values = [p[1] for p in pts]
         if log and max(values) / min(values) > 20:  # a log axis only where the values span decades
             ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label + (" (lower is better)" if lower else " (higher is better)"))
         ax.grid(True, alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:  # one legend for the figure, under the panels: models' names are long
+        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(handles)), fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, -0.09 - 0.04 * ((len(handles) - 1) // 3)))
     fig.suptitle("quality against size; points numbered as in the runs table", fontsize=10)
     return _png(fig)
+
+
+def _short(model: str, width: int = 48) -> str:
+    """A model's name for a legend: its description up to the first parenthesis, shortened."""
+    name = model.split(" (")[0].strip() or model
+    return name if len(name) <= width else name[: width - 1] + "…"
 
 
 _BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")

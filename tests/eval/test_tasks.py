@@ -149,3 +149,12 @@ def test_cli_eval_with_tasks_writes_accuracy_and_flips(root, tmp_path, text_path
     written = json.loads((tmp_path / "r.json").read_text())["tasks"]
     assert written["arc_easy"]["n"] == 6 and 0 <= written["arc_easy"]["flips"] <= 1
     assert written["winogrande"]["acc_norm"] is None
+
+
+def test_a_model_changed_in_place_gets_a_new_fingerprint():
+    lm = tiny_model("llama")
+    before = tasks_mod.fingerprint(lm)
+    assert tasks_mod.fingerprint(lm) == before  # unchanged: the memo
+    with torch.no_grad():
+        next(lm.model.parameters()).add_(1.0)  # e.g. tp.compress(..., inplace=True) after scoring
+    assert tasks_mod.fingerprint(lm) != before

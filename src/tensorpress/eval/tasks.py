@@ -26,7 +26,7 @@ import os
 import re
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -243,19 +243,26 @@ _ANSWERS: dict[str, TaskResult] = {}  # this process's cached results, by cache 
 
 def fingerprint(lm) -> str:
     """sha256 of the model's tensors (names, shapes, dtypes, values) and of its tokenizer: the
-    identity of what the answers are a function of. Computed once per model object."""
+    identity of what the answers are a function of. Hashed again only when a tensor was
+    replaced or changed in place since (their storages and version counters say so)."""
     model = lm.model
-    if model in _FINGERPRINTS:
-        return _FINGERPRINTS[model]
+    state = sorted(model.state_dict().items())
+    # tensors' storage, shape and in-place version, and the tokenizer object: what was hashed
+    signature = (id(lm.tokenizer), *((n, t.data_ptr(), tuple(t.shape), t._version) for n, t in state))
+    memo = _FINGERPRINTS.get(model)
+    if memo is not None and memo[0] == signature:
+        return memo[1]
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in state:
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     tok = lm.tokenizer
     backend = getattr(tok, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))).encode())
-    _FINGERPRINTS[model] = digest = h.hexdigest()
+    digest = h.hexdigest()
+    _FINGERPRINTS[model] = (signature, digest)
     return digest
 
 
@@ -317,7 +324,7 @@ def tasks(lm, names: list[str] | str, *, limit: int | None = None, reference=Non
     for name in names:
         questions = load_questions(name, limit, root)
         result = cached_score(lm, name, questions, batch_size, disk=cache) if cache else score(lm, name, questions, batch_size)
-        result = TaskResult(**{**asdict(result), "answers": list(result.answers)})  # a copy: the cached one is not changed
+        result = replace(result, answers=list(result.answers))  # a copy: the cached one is not changed
         if reference is not None:
             ref = cached_score(reference, name, questions, batch_size, disk=cache) if cache else \
                 score(reference, name, questions, batch_size)

@@ -40,7 +40,7 @@ from tensorpress.errors import (
     TensorpressError,
     UnsupportedArchitectureError,
 )
-from tensorpress.io.files import atomic_dir, confined, sha256_file
+from tensorpress.io.files import atomic_dir, confined, read_json, sha256_file
 from tensorpress.io.headers import safetensors_header
 from tensorpress.io.schema import CheckpointManifest, clip, validated
 from tensorpress.models import LoadedModel, adapter_for
@@ -158,12 +158,7 @@ def load_manifest(path: Path, name: str, fmt: str, max_version: int, what: str) 
     mpath = path / name
     if not mpath.is_file():
         raise CheckpointError(f"{path} is not a {what}: {name} is missing")
-    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-        raise CheckpointError(f"{mpath} is {mpath.stat().st_size} bytes, more than a manifest may be ({MAX_MANIFEST_BYTES})")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: JSON errors, huge integers
-        raise CheckpointError(f"{mpath} is corrupt: not valid JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
+    manifest = read_json(mpath, MAX_MANIFEST_BYTES, "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise CheckpointError(f"{mpath} is not a {fmt} manifest (format {clip(found)})")

@@ -19,12 +19,14 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from tensorpress.errors import CheckpointError, OutputExistsError
 
@@ -41,6 +43,18 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def read_json(file: Path, max_bytes: int, what: str, error: type[CheckpointError] = CheckpointError) -> Any:
+    """The JSON value in ``file``, an untrusted file of kind ``what`` (e.g. "manifest"): ``error``
+    for one larger than ``max_bytes`` or that does not parse (huge integers and deep nesting too)."""
+    size = file.stat().st_size
+    if size > max_bytes:
+        raise error(f"{file} is {size} bytes, more than a {what} may be ({max_bytes})")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: JSON errors, huge integers
+        raise error(f"{file} is corrupt: not valid JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
 
 
 def confined(root: Path, name: object, where: str) -> Path:

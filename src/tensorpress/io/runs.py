@@ -23,6 +23,7 @@ from typing import Any
 
 from tensorpress import __version__
 from tensorpress.errors import CheckpointError
+from tensorpress.io.files import read_json
 
 RUN_FORMAT = "tensorpress-run"
 RUN_VERSION = 1
@@ -94,12 +95,7 @@ def read_run(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / RUN_FILE
     if not file.is_file():
         raise RunFormatError(f"{path} is not a run directory: {RUN_FILE} is missing")
-    if file.stat().st_size > MAX_RUN_BYTES:
-        raise RunFormatError(f"{file}: {file.stat().st_size:,} bytes, more than a run file holds ({MAX_RUN_BYTES:,})")
-    try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunFormatError(f"{file} is not valid JSON ({exc})") from None
+    record = read_json(file, MAX_RUN_BYTES, "run file", RunFormatError)
     if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
         raise RunFormatError(f"{file} is not a tensorpress run (format {record.get('format') if isinstance(record, dict) else None!r})")
     version = record.get("version")

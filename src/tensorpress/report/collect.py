@@ -11,13 +11,13 @@ Accepted inputs:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tensorpress.errors import CheckpointError
+from tensorpress.io.files import read_json
 from tensorpress.io.runs import MAX_RUN_BYTES, RunFormatError, is_run, read_run
 
 
@@ -183,12 +183,7 @@ def _from_checkpoint(folder: Path) -> Entry:
 
 
 def _from_json(file: Path, found: Collection) -> None:
-    if file.stat().st_size > MAX_RUN_BYTES:
-        raise RunFormatError(f"{file}: {file.stat().st_size:,} bytes, more than a result file holds ({MAX_RUN_BYTES:,})")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunFormatError(f"{file} is not valid JSON ({exc})") from None
+    data = read_json(file, MAX_RUN_BYTES, "result file", RunFormatError)
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise RunFormatError(f"{file}: not a bench result (no 'rows' list); the report reads run directories, "
                              "checkpoints and the JSON of bench/quality.py and bench/kv.py")

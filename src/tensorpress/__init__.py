@@ -14,11 +14,12 @@ __version__ = "0.1.0"
 
 from tensorpress import data, errors, kv, lossless  # noqa: E402
 from tensorpress import recipe as recipes  # noqa: E402  (tp.recipes.get / builtin_names)
-from tensorpress.engine import CompressionResult, compress  # noqa: E402
+from tensorpress.engine import CompressionResult  # noqa: E402
 from tensorpress.eval import EvalReport, evaluate  # noqa: E402
 from tensorpress.io import load_checkpoint as load_compressed  # noqa: E402
 from tensorpress.models import LoadedModel, load_model  # noqa: E402
 from tensorpress.recipe import Recipe  # noqa: E402
+from tensorpress.search.allocate import compress  # noqa: E402  (the engine with the allocation layer)
 
 __all__ = [
     "CompressionResult",

@@ -58,3 +58,8 @@ class CacheConfigError(TensorpressError):
 
 class ReportError(TensorpressError):
     """Runs, bench files or checkpoints a report cannot be made from (none readable, a bad output path)."""
+
+
+class SearchError(TensorpressError):
+    """A search asked for with an infeasible budget, an unknown menu entry, or a level database or
+    search state that belongs to another model, calibration or menu."""

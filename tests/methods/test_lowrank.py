@@ -6,7 +6,9 @@ from conftest import tiny_model
 from tensorpress.errors import RecipeError
 from tensorpress.methods import LayerInput, METHODS
 from tensorpress.methods.lowrank.lowrank_math import channel_scales, hessian_root, truncate
-from tensorpress.methods.lowrank.svd import _greedy_ranks
+from tensorpress.methods import LayerInput
+from tensorpress.methods.lowrank.svd import SVD
+from tensorpress.search import greedy_choice
 from tensorpress.parts import CompressedLinear, DensePart, LowRankPart, QuantizedPart
 
 
@@ -89,13 +91,21 @@ def test_svd_methods_on_a_model_save_reload_and_stay_dense_when_rank_saves_nothi
 
 
 def test_greedy_rank_allocation_meets_the_budget_and_favours_steep_spectra():
-    steep = torch.logspace(0, -6, 64) ** 2  # energy in a few directions: cheap to truncate
-    flat = torch.ones(64)  # no direction matters more: truncation costs a lot
-    shapes = {"steep": (64, 64), "flat": (64, 64)}
-    ranks = _greedy_ranks({"steep": steep, "flat": flat}, shapes, budget=0.65 * 2 * 64 * 64)
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 64))
+    v, _ = torch.linalg.qr(torch.randn(64, 64))
+    steep = u @ torch.diag(torch.logspace(0, -6, 64)) @ v.T  # energy in a few directions: cheap to truncate
+    flat = u @ v.T  # no direction matters more: truncation costs a lot
+    stage = SVD(target_reduction=0.35, sensitivity="relative")
+    layers = [LayerInput(name, w, w, None, {}) for name, w in (("steep", steep), ("flat", flat))]
+    options, budget = stage.allocation_options(layers)
+    assert budget == pytest.approx(0.65 * 2 * 64 * 64)
+    ranks = greedy_choice(options, budget)
     spent = sum(64 * 64 if r >= 32 else r * 128 for r in ranks.values())
     assert spent <= 0.65 * 2 * 64 * 64
     assert ranks["flat"] >= 32 and ranks["steep"] < 32  # the flat layer stays dense
+    resolved = stage.with_allocation(ranks)
+    assert resolved.target_reduction is None and resolved.rank_for("flat", (64, 64)) == 32
 
 
 @pytest.mark.parametrize("allocation", ["greedy", "uniform"])

@@ -4,7 +4,13 @@ from conftest import tiny_model, wide_model
 
 import tensorpress as tp
 from tensorpress.errors import RecipeError
-from tensorpress.methods.quant.mixed import allocate_bits, fisher_diagonals, width_costs
+from tensorpress.methods.quant.mixed import fisher_diagonals, width_costs
+from tensorpress.search import greedy_choice
+
+
+def allocate_bits(costs, numel, target):
+    """The target_bits allocation: the greedy choice under target x weights bits."""
+    return greedy_choice(costs, target * sum(numel.values()))
 
 
 def test_greedy_allocation_meets_the_budget_and_favours_sensitive_layers():
@@ -16,7 +22,7 @@ def test_greedy_allocation_meets_the_budget_and_favours_sensitive_layers():
     assert allocate_bits(costs, numel, 3.0) == {"a": 4, "b": 2}
     assert allocate_bits(costs, numel, 4.0) == {"a": 4, "b": 4}
     assert allocate_bits(costs, numel, 2.0) == {"a": 2, "b": 2}
-    with pytest.raises(ValueError, match="below the narrowest width"):
+    with pytest.raises(ValueError, match="below the cheapest choice"):
         allocate_bits(costs, numel, 1.5)
 
 

@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,13 +25,13 @@ from transformers.pytorch_utils import Conv1D
 
 from tensorpress.data import TokenWindows, check_context
 from tensorpress.engine.capture import capture_block_inputs, device_of, run_block
-from tensorpress.engine.experts import ExpertPlan, plan_experts
 from tensorpress.engine.checks import (
     check_finite,
     check_patterns,
     check_stats_finite,
     check_weights_finite,
 )
+from tensorpress.engine.experts import ExpertPlan, plan_experts
 from tensorpress.engine.folding import can_fold_into, fold_scale
 from tensorpress.engine.linears import bias_of, in_features, is_linear, weight_of
 from tensorpress.engine.lockstep import BlockCall, lockstep_pass
@@ -43,12 +43,7 @@ from tensorpress.methods import LayerInput, MethodConfig
 from tensorpress.methods.base import matches
 from tensorpress.methods.quant.file_types import BASE as FILE_TYPE_BASE
 from tensorpress.methods.quant.file_types import tensor_format
-from tensorpress.methods.quant.mixed import (
-    allocate_bits,
-    fisher_diagonals,
-    format_costs,
-    width_costs,
-)
+from tensorpress.methods.quant.mixed import fisher_diagonals
 from tensorpress.methods.structural import is_structural
 from tensorpress.methods.structural.depth import LinearBridge, bridge_indices
 from tensorpress.models import LoadedModel
@@ -59,6 +54,9 @@ from tensorpress.progress import track
 from tensorpress.recipe import Recipe, RecipeLike, resolve
 
 log = logging.getLogger(__name__)
+
+# resolves a recipe's cross-layer allocations on the (structurally transformed) model
+Allocator = Callable[[LoadedModel, nn.Module, Recipe, "TokenWindows | None", int], Recipe]
 
 
 
@@ -71,7 +69,7 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
-def _stage_linears(lm: LoadedModel, block: nn.Module, block_name: str, stage: MethodConfig) -> list[str]:
+def stage_linears(lm: LoadedModel, block: nn.Module, block_name: str, stage: MethodConfig) -> list[str]:
     """Names (relative to the block) of the block's linears that ``stage`` selects (none in a
     linear bridge, which stays as fitted). A mixture-of-experts router is taken only by a
     targets pattern that names it: it is small, and every token's path depends on it."""
@@ -133,7 +131,7 @@ def _resolve_file_types(lm: LoadedModel, model: nn.Module, recipe: Recipe, head:
             continue
         overrides: dict[str, str] = {}
         for i, block in enumerate(blocks):
-            for rel in _stage_linears(lm, block, f"{prefix}.{i}", stage):
+            for rel in stage_linears(lm, block, f"{prefix}.{i}", stage):
                 role = lm.adapter.role_of(rel)
                 if role is None:
                     raise RecipeError(f"stage {index + 1} ({stage.name}): file_type needs each linear's role, and the "
@@ -236,9 +234,13 @@ def compress(
     *,
     batch_size: int = 8,
     inplace: bool = False,
+    allocate: Allocator | None = None,
 ) -> CompressionResult:
     """Compress ``lm`` with ``recipe`` (a ``Recipe``, a built-in name, a YAML path or a dict with
-    ``stages``: ``tp.recipes.resolve``); the original is left untouched unless ``inplace``."""
+    ``stages``: ``tp.recipes.resolve``); the original is left untouched unless ``inplace``.
+    Stages that allocate across layers (``target_bits``, SVD-LLM's ``target_reduction``, OWL)
+    are resolved by ``allocate(lm, model, recipe, calib, batch_size) -> recipe``, the allocation
+    layer's (``tensorpress.search.allocate``; ``tp.compress`` passes it)."""
     start = time.perf_counter()
     recipe = resolve(recipe)
     if calib is not None:
@@ -281,9 +283,12 @@ def compress(
     calls: list[BlockCall] = []
     allocates = any(getattr(stage, "target_bits", None) is not None or stage.wants_allocation() for stage in recipe.stages)
     if allocates:
+        if allocate is None:
+            names = [s.name for s in recipe.stages if getattr(s, "target_bits", None) is not None or s.wants_allocation()]
+            raise RecipeError(f"stages {names} allocate across layers: compress with tensorpress.compress (the "
+                              "allocation layer, tensorpress.search) rather than the engine alone")
         with _timed(timings, "allocation_seconds"):
-            recipe = _allocate_widths(lm, model, recipe, calib, batch_size)
-            recipe = _allocate_stages(lm, model, recipe, calib, batch_size)
+            recipe = allocate(lm, model, recipe, calib, batch_size)
     if needs_calib:
         with _timed(timings, "capture_seconds"):
             calls = capture_block_inputs(lm, model, calib, batch_size)
@@ -298,8 +303,9 @@ def compress(
         outputs: list[BlockCall] | None = None  # the block's outputs, if a pass produced them
         # inputs "original": statistics and the next block's inputs from the block as it was
         source = copy.deepcopy(block) if from_original else block
+        cached: dict[str, dict[str, Any]] | None = None  # inputs "original": statistics of all stages
         for index, stage in enumerate(recipe.stages):
-            rels = _stage_linears(lm, block, f"{prefix}.{i}", stage)
+            rels = stage_linears(lm, block, f"{prefix}.{i}", stage)
             if not rels:
                 continue
             outputs = None
@@ -314,7 +320,14 @@ def compress(
                 outputs = _true_sequential(lm, block, name, stage, rels, calls, originals, layers, timings, plan)
                 continue
             stats: dict[str, dict[str, Any]] = {}
-            if stage.needs:
+            if stage.needs and from_original and plan is None:
+                # every stage's statistics come from the same original block and inputs: one
+                # pass collects them for all stages (copies, so that no stage sees another's edits)
+                if cached is None:
+                    with _timed(timings, "statistics_seconds"):
+                        cached = _original_stats(lm, block, f"{prefix}.{i}", recipe.stages, source, calls)
+                stats = {r: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in cached[r].items()} for r in rels}
+            elif stage.needs:
                 shared = {r: lm.adapter.group_of(r) for r in rels}
                 # the last group's outputs only feed the block's output, unused here
                 last = [r for r in lm.adapter.linear_groups[-1] if is_linear(block.get_submodule(r))]
@@ -364,6 +377,27 @@ def compress(
     return CompressionResult(compressed, resolved, layers, timings, used, expert_tokens)
 
 
+def _original_stats(lm: LoadedModel, block: nn.Module, name: str, stages: list[MethodConfig], source: nn.Module,
+                    calls: list[BlockCall]) -> dict[str, dict[str, Any]]:
+    """Statistics of every linear of ``block`` that a stage with needs selects, all the needs
+    at once, from one pass of the original ``source`` block over ``calls``."""
+    rels: list[str] = []
+    needs: set[str] = set()
+    for stage in stages:
+        if stage.needs:
+            picked = stage_linears(lm, block, name, stage)
+            rels += [r for r in picked if r not in rels]
+            needs |= set(stage.needs) if picked else set()
+    shared = {r: lm.adapter.group_of(r) for r in rels}
+    last = [r for r in lm.adapter.linear_groups[-1] if is_linear(block.get_submodule(r))]
+    with StatsHooks(source, rels, frozenset(needs), shared, skip=last) as hooks, dense_weights_cached(source):
+        run_block(source, calls)
+    stats = {r: s.as_dict() for r, s in hooks.stats.items()}
+    for rel, st in stats.items():
+        check_stats_finite(f"{name}.{rel}", st)
+    return stats
+
+
 def _true_sequential(
     lm: LoadedModel,
     block: nn.Module,
@@ -401,7 +435,7 @@ def _true_sequential(
     return outputs
 
 
-def _whole_model_stats(
+def whole_model_stats(
     lm: LoadedModel,
     model: nn.Module,
     per_block: dict[int, list[str]],
@@ -428,7 +462,7 @@ def _whole_model_stats(
     return stats
 
 
-def _fisher(lm: LoadedModel, model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, who: str) -> dict[str, torch.Tensor]:
+def fisher_importance(lm: LoadedModel, model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, who: str) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information of the LM loss for each module's weight, (out, in)."""
     if not lm.causal:
         raise RecipeError(
@@ -438,84 +472,6 @@ def _fisher(lm: LoadedModel, model: nn.Module, modules: dict[str, nn.Module], wi
     importance = fisher_diagonals(model, {n: m.weight for n, m in modules.items()}, windows)
     # Conv1D keeps its weight as (in, out)
     return {n: f.T if isinstance(modules[n], Conv1D) else f for n, f in importance.items()}
-
-
-def _allocate_widths(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: TokenWindows | None, batch_size: int) -> Recipe:
-    """Resolve ``target_bits`` of quantizer stages into per-layer ``bits_overrides``, from the
-    layers' weights and their inputs' mean squares on a few calibration windows."""
-    prefix = lm.adapter.blocks_path(model)
-    blocks = lm.adapter.blocks(model)
-    stages = list(recipe.stages)
-    for index, stage in enumerate(stages):
-        if getattr(stage, "target_bits", None) is None:
-            continue
-        if calib is None:
-            raise CalibrationError(f"stage {index + 1} ({stage.name}): target_bits needs calibration data")
-        per_block = {i: _stage_linears(lm, b, f"{prefix}.{i}", stage) for i, b in enumerate(blocks)}
-        windows = calib.input_ids[: stage.allocation_samples]
-        names = {f"{prefix}.{i}.{rel}": blocks[i].get_submodule(rel) for i, rels in per_block.items() for rel in rels}
-        if stage.sensitivity == "fisher":
-            importance = _fisher(lm, model, names, windows, f"stage {index + 1} ({stage.name})")
-        else:
-            stats = _whole_model_stats(lm, model, per_block, frozenset({"act_sq"}), windows, batch_size, "measuring layer sensitivities")
-            importance = {name: st["act_sq"] / max(st["tokens"], 1) for name, st in stats.items()}
-        formats = getattr(stage, "format_choices", None)
-        costs, numel = {}, {}
-        try:
-            for name, module in names.items():
-                weight = weight_of(module)
-                if formats:
-                    costs[name] = format_costs(weight, importance[name], formats, stage.mse)
-                else:
-                    costs[name] = width_costs(weight, importance[name], stage.bit_choices, stage.group_size, stage.symmetric)
-                numel[name] = weight.numel()
-            widths = allocate_bits(costs, numel, stage.target_bits)
-        except ValueError as exc:
-            raise RecipeError(f"stage {index + 1} ({stage.name}): {exc}") from None
-        counts = dict(sorted(Counter(widths.values()).items()))
-        log.info("stage %d (%s): %s for %.3f bits/weight: %s", index + 1, stage.name,
-                 "llama.cpp types" if formats else "widths", stage.target_bits, counts)
-        if formats:  # each layer's chosen type by its exact name; the most common one for the rest
-            update = {"format": counts and max(counts, key=counts.get), "format_choices": None, "target_bits": None,
-                      "format_overrides": {f"re:{re.escape(name)}": fmt for name, fmt in widths.items()}}
-        else:
-            update = {"bits_overrides": widths, "target_bits": None}
-        stages[index] = stage.model_copy(update=update)
-    return recipe.model_copy(update={"stages": stages})
-
-
-def _allocate_stages(lm: LoadedModel, model: nn.Module, recipe: Recipe, calib: TokenWindows | None, batch_size: int) -> Recipe:
-    """Let each stage that ``wants_allocation()`` see all its layers at once (weights of the
-    uncompressed model and, if it declares ``needs``, their statistics on its
-    ``allocation_samples`` windows) and replace it by the copy its ``allocate`` returns."""
-    prefix = lm.adapter.blocks_path(model)
-    blocks = lm.adapter.blocks(model)
-    stages = list(recipe.stages)
-    for index, stage in enumerate(stages):
-        if not stage.wants_allocation():
-            continue
-        per_block = {i: _stage_linears(lm, b, f"{prefix}.{i}", stage) for i, b in enumerate(blocks)}
-        stats: dict[str, dict[str, Any]] = {}
-        wanted = stage.allocation_stats()
-        if wanted:
-            if calib is None:
-                raise CalibrationError(f"stage {index + 1} ({stage.name}): its allocation needs calibration data")
-            windows = calib.input_ids[: getattr(stage, "allocation_samples", len(calib.input_ids))]
-            if wanted - {"fisher"}:
-                stats = _whole_model_stats(lm, model, per_block, wanted - {"fisher"}, windows, batch_size,
-                                           f"statistics for the {stage.name} allocation")
-            if "fisher" in wanted:
-                modules = {f"{prefix}.{i}.{rel}": blocks[i].get_submodule(rel) for i, rels in per_block.items() for rel in rels}
-                for name, fisher in _fisher(lm, model, modules, windows, f"stage {index + 1} ({stage.name})").items():
-                    stats.setdefault(name, {})["fisher"] = fisher
-        layers = []
-        for i, rels in per_block.items():
-            for rel in rels:
-                name = f"{prefix}.{i}.{rel}"
-                weight = weight_of(blocks[i].get_submodule(rel))
-                layers.append(LayerInput(name, weight, weight, None, stats.get(name, {})))
-        stages[index] = stage.allocate(layers)
-    return recipe.model_copy(update={"stages": stages})
 
 
 def _scale_groups(

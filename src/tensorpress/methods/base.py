@@ -140,10 +140,22 @@ class MethodConfig(BaseModel):
         float32 (out, in), on ``allocation_samples`` windows). Default: ``needs``."""
         return self.needs
 
+    def allocation_options(self, layers: list[LayerInput]) -> tuple[dict[str, dict[Any, tuple[float, float]]], float] | None:
+        """For a budgeted allocation: ``({layer: {option: (error, cost)}}, budget)``, the options
+        each layer could take, priced, and the total cost allowed; the allocation layer
+        (``tensorpress.search``) chooses one per layer and calls ``with_allocation``. ``None``
+        (the default): the stage's ``allocate`` sets the layers by a rule of its own."""
+        return None
+
+    def with_allocation(self, choice: dict[str, Any]) -> MethodConfig:
+        """A copy of this stage with each layer's chosen option (from ``allocation_options``)."""
+        raise NotImplementedError(f"{self.name} prices no allocation options")
+
     def allocate(self, layers: list[LayerInput]) -> MethodConfig:
         """A copy of this stage with per-layer settings chosen from all its layers at once
         (weights of the uncompressed model, ``needs`` statistics on ``allocation_samples``
-        windows); called by the engine when ``wants_allocation()``."""
+        windows), for stages whose ``allocation_options`` are ``None``; called by the allocation
+        layer when ``wants_allocation()``."""
         return self
 
     def input_scales(self, group: list[LayerInput]) -> torch.Tensor | None:

@@ -14,17 +14,22 @@ layers from their spectra, ``allocation``). A layer whose rank would not save pa
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from tensorpress.errors import RecipeError
 from tensorpress.methods.base import LayerInput, MethodConfig, matches, register_method
-from tensorpress.methods.lowrank.lowrank_math import channel_scales, fisher_component_costs, hessian_root, spectrum, truncate
+from tensorpress.methods.lowrank.lowrank_math import (
+    channel_scales,
+    fisher_component_costs,
+    hessian_root,
+    spectrum,
+    truncate,
+)
 from tensorpress.parts import DensePart, LowRankPart, Part
 
 log = logging.getLogger(__name__)
@@ -107,28 +112,48 @@ class _Truncation(LowRankSettings):
             return self.needs | {"fisher"}
         return self.needs
 
+    def allocation_options(self, layers: list[LayerInput]) -> tuple[dict[str, dict[Any, tuple[float, float]]], float] | None:
+        """Greedy ``target_reduction``: per layer, ranks in steps of ``_STEP`` up to its break-even
+        rank, priced by the error of the components they drop (``sensitivity``) and their
+        parameters, or ``"dense"`` (no error, ``in*out`` parameters); the budget is
+        ``(1 - target_reduction)`` of all the layers' parameters."""
+        if self.target_reduction is None or self.allocation != "greedy":
+            return None
+        options = {}
+        for layer in layers:
+            out_f, in_f = layer.weight.shape
+            if self.sensitivity == "fisher":
+                errors = fisher_component_costs(layer.weight, layer.stats["fisher"], self.root(layer))
+            else:  # each layer's relative output error, every layer alike
+                energy = spectrum(layer.weight, self.root(layer)).square()
+                errors = energy / energy.sum().clamp(min=1e-30)
+            rel = errors.tolist()
+            tail = [0.0] * (len(rel) + 1)  # tail[r]: error of the components beyond rank r
+            for i in range(len(rel) - 1, -1, -1):
+                tail[i] = tail[i + 1] + rel[i]
+            even = LowRankPart.break_even_rank(out_f, in_f)
+            dense = math.ceil(even)  # a rank at the break-even point keeps the layer dense
+            ranks = [r for r in range(0, int(even) // _STEP * _STEP + 1, _STEP) if r < even]
+            choices = {r: (tail[min(r, len(tail) - 1)], float(r * (out_f + in_f))) for r in ranks}
+            choices[dense] = (0.0, float(out_f * in_f))
+            options[layer.name] = choices
+        return options, (1 - self.target_reduction) * sum(layer.weight.numel() for layer in layers)
+
+    def with_allocation(self, choice: dict[str, Any]) -> _Truncation:
+        """``rank_overrides`` from the chosen ranks (dense layers: their break-even rank)."""
+        return self._with_ranks({name: int(rank) for name, rank in choice.items()})
+
     def allocate(self, layers: list[LayerInput]) -> _Truncation:
-        """Resolve ``target_reduction`` into ``rank_overrides`` (a layer left dense gets a rank
-        at its break-even point)."""
+        """Resolve a uniform ``target_reduction`` into ``rank_overrides``."""
         if self.target_reduction is None:
             return self
-        total = sum(layer.weight.numel() for layer in layers)
-        budget = (1 - self.target_reduction) * total
-        if self.allocation == "uniform":
-            ranks = {layer.name: int((1 - self.target_reduction) * LowRankPart.break_even_rank(*layer.weight.shape)) for layer in layers}
-            _check_uniform_ranks(self, ranks, {layer.name: tuple(layer.weight.shape) for layer in layers})
-        else:
-            if self.sensitivity == "fisher":
-                errors = {layer.name: fisher_component_costs(layer.weight, layer.stats["fisher"], self.root(layer)) for layer in layers}
-            else:  # each layer's relative output error, every layer alike
-                errors = {}
-                for layer in layers:
-                    energy = spectrum(layer.weight, self.root(layer)).square()
-                    errors[layer.name] = energy / energy.sum().clamp(min=1e-30)
-            ranks = _greedy_ranks(errors, {layer.name: tuple(layer.weight.shape) for layer in layers}, budget)
+        ranks = {layer.name: int((1 - self.target_reduction) * LowRankPart.break_even_rank(*layer.weight.shape)) for layer in layers}
+        _check_uniform_ranks(self, ranks, {layer.name: tuple(layer.weight.shape) for layer in layers})
+        return self._with_ranks(ranks)
+
+    def _with_ranks(self, ranks: dict[str, int]) -> _Truncation:
         overrides = {f"re:{name.replace('.', '[.]')}": rank for name, rank in ranks.items()}
-        dense = sum(1 for layer in layers if ranks[layer.name] >= LowRankPart.break_even_rank(*layer.weight.shape))
-        log.info("%s: ranks for %.0f %% fewer parameters: %d layers low-rank, %d dense", self.name, 100 * self.target_reduction, len(layers) - dense, dense)
+        log.info("%s: ranks for %.0f %% fewer parameters on %d layers", self.name, 100 * (self.target_reduction or 0), len(ranks))
         return self.model_copy(update={"rank_overrides": overrides, "target_reduction": None})
 
 
@@ -146,57 +171,6 @@ def _check_uniform_ranks(stage: _Truncation, ranks: dict[str, int], shapes: dict
             f"0 < target_reduction <= {math.floor(1000 * (1 - 1 / even)) / 1000}"
         )
 
-
-def _greedy_ranks(errors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: float) -> dict[str, int]:
-    """Ranks (in steps of ``_STEP``) that minimise the summed error of the dropped components,
-    ``sum_{i>r} errors[layer][i]`` (components in descending order of singular value), under
-    ``budget`` parameters; a layer reaching its break-even rank becomes dense (zero error,
-    ``in*out`` parameters)."""
-    state = {}
-    heap: list[tuple[float, str]] = []
-    for name, e in errors.items():
-        out_f, in_f = shapes[name]
-        rel = e.tolist()
-        tail = [0.0] * (len(rel) + 1)  # tail[r] = relative error at rank r
-        for i in range(len(rel) - 1, -1, -1):
-            tail[i] = tail[i + 1] + rel[i]
-        last = int(LowRankPart.break_even_rank(out_f, in_f)) // _STEP * _STEP  # highest low-rank option
-        state[name] = {"rank": 0, "tail": tail, "per_rank": out_f + in_f, "last": last, "dense": out_f * in_f}
-    spent = 0.0
-
-    def next_step(name: str) -> tuple[float, float, int] | None:
-        s = state[name]
-        r = s["rank"]
-        if r >= s["last"]:
-            if r == math.inf:
-                return None
-            cost = max(s["dense"] - r * s["per_rank"], 1e-6)  # 0 when the break-even rank is a step
-            return s["tail"][min(r, len(s["tail"]) - 1)], cost, -1  # to dense: the remaining error
-        nxt = min(r + _STEP, s["last"])
-        gain = s["tail"][min(r, len(s["tail"]) - 1)] - s["tail"][min(nxt, len(s["tail"]) - 1)]
-        return gain, (nxt - r) * s["per_rank"], nxt
-
-    for name in state:
-        step = next_step(name)
-        if step:
-            heapq.heappush(heap, (-step[0] / step[1], name))
-    while heap:
-        _, name = heapq.heappop(heap)
-        step = next_step(name)
-        if step is None:
-            continue
-        gain, cost, nxt = step
-        if spent + cost > budget:
-            continue  # this layer's next step does not fit; smaller ones elsewhere may
-        spent += cost
-        state[name]["rank"] = math.inf if nxt == -1 else nxt
-        step = next_step(name)
-        if step:
-            heapq.heappush(heap, (-step[0] / step[1], name))
-    out = {}
-    for name, s in state.items():
-        out[name] = math.ceil(LowRankPart.break_even_rank(*shapes[name])) if s["rank"] == math.inf else int(s["rank"])
-    return out
 
 
 @register_method

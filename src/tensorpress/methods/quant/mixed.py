@@ -12,9 +12,10 @@ Each layer's sensitivity to a bit width is its RTN error weighted per weight by 
 
 Its cost is the exact storage of that width (codes, scales, zero points). With ``format_choices``
 the candidates are llama.cpp types instead (``format_costs``: the type's own two-level grid and
-its exact bits per weight), so the allocation's result exports to GGUF as it is. A greedy allocation starts every layer at the narrowest width and repeatedly
-upgrades the layer with the largest error reduction per extra bit until the budget
-``target * total weights`` would be exceeded.
+its exact bits per weight), so the allocation's result exports to GGUF as it is. The allocation
+itself (``tensorpress.search.allocate``, greedy: every layer starts at the narrowest width and
+the layer with the largest error reduction per extra bit is upgraded while the budget
+``target * total weights`` holds) is the allocation layer's.
 """
 
 from __future__ import annotations
@@ -94,33 +95,3 @@ def fisher_diagonals(model: nn.Module, weights: dict[str, torch.Tensor], windows
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return {name: f / len(windows) for name, f in fisher.items()}
-
-
-def allocate_bits(costs: dict[str, dict], numel: dict[str, int], target: float) -> dict:
-    """Greedy allocation of a candidate per layer (a width, or a llama.cpp type) under
-    ``target`` average bits per weight; candidates are ordered by their storage."""
-    budget = target * sum(numel.values())
-    choice = {name: min(c, key=lambda k, c=c: c[k][1]) for name, c in costs.items()}
-    spent = sum(costs[n][b][1] for n, b in choice.items())
-    if spent > budget:
-        raise ValueError(
-            f"target {target} bits/weight is below the narrowest width's cost "
-            f"({spent / sum(numel.values()):.3f} bits/weight with scales)"
-        )
-    while True:
-        best = None
-        for name, bits in choice.items():
-            wider = sorted((b for b in costs[name] if costs[name][b][1] > costs[name][bits][1]),
-                           key=lambda b, c=costs[name]: c[b][1])
-            if not wider:
-                continue
-            nxt = wider[0]
-            gain = costs[name][bits][0] - costs[name][nxt][0]
-            extra = costs[name][nxt][1] - costs[name][bits][1]
-            if spent + extra <= budget and (best is None or gain / extra > best[0]):
-                best = (gain / extra, name, nxt, extra)
-        if best is None:
-            return choice
-        _, name, nxt, extra = best
-        choice[name] = nxt
-        spent += extra

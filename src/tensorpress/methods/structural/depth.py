@@ -155,6 +155,8 @@ class DropBlocks(StructuralMethod):
 
     method: Literal["drop_blocks"] = "drop_blocks"
     blocks: int = Field(2, ge=1, description="number of blocks to remove")
+    indices: list[int] | None = Field(None, description="remove exactly these blocks (0-based; e.g. chosen by "
+                                      "tensorpress search --depth); blocks must then equal their number")
     mode: Literal["individual", "consecutive"] = Field(
         "individual", description="individual = the least important blocks anywhere; consecutive = the best run of adjacent blocks"
     )
@@ -177,7 +179,13 @@ class DropBlocks(StructuralMethod):
             raise RecipeError(f"drop_blocks: cannot remove {self.blocks} of the model's {n_blocks} blocks (the last one stays)")
         windows = self.windows(calib).input_ids
         candidates = n_blocks - 1  # the last block's output is only seen after the final norm
-        if self.mode == "individual":
+        if self.indices is not None:
+            bad = [i for i in self.indices if not 0 <= i < candidates]
+            if bad or len(set(self.indices)) != len(self.indices) or len(self.indices) != self.blocks:
+                raise RecipeError(f"drop_blocks: indices {self.indices} must be {self.blocks} distinct blocks in "
+                                  f"0..{candidates - 1} (the last block stays)")
+            drop, scores = sorted(self.indices), {}
+        elif self.mode == "individual":
             distance = block_distances(runner, windows, 1)
             scores = {i: distance[i] for i in range(candidates)}
             drop = sorted(sorted(scores, key=scores.get)[: self.blocks])

@@ -1,0 +1,215 @@
+"""The level database: every menu entry's compression of every block linear, computed once.
+
+Each entry is one ``tp.compress`` of the whole model with ``inputs: original``, so a layer's
+parts depend only on the original model, the calibration windows and the entry's settings,
+never on what other layers chose; a searched mix is therefore exactly reproducible by a recipe
+of one stage per entry (``search.output.mix_recipe``). Layout of a database directory::
+
+    levels.json          index: model fingerprint, calibration hash, one record per entry
+                         (its recipe, checkpoint folder, build seconds, per layer: shape, exact
+                         bits of the parts, relative weight and output error)
+    <entry>-<hash>/      the entry's checkpoint (manifest + safetensors, sha256-checked on load)
+
+The index is rewritten atomically after every entry, so an interrupted build resumes with the
+entries it finished; an index made for another model or calibration set is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tensorpress.data import TokenWindows
+from tensorpress.errors import CheckpointError, SearchError
+from tensorpress.eval.tasks import fingerprint
+from tensorpress.io import load_checkpoint
+from tensorpress.io.files import read_json
+from tensorpress.models import LoadedModel
+from tensorpress.parts import CompressedLinear
+from tensorpress.recipe import Recipe
+from tensorpress.search.allocate import compress
+
+log = logging.getLogger(__name__)
+
+INDEX = "levels.json"
+FORMAT = "tensorpress-levels"
+VERSION = 1
+MAX_INDEX_BYTES = 256 << 20
+
+
+def windows_hash(windows: TokenWindows) -> str:
+    """sha256 of the calibration token ids (shape included): the identity of the statistics."""
+    ids = windows.input_ids.to(torch.int64).contiguous()
+    return hashlib.sha256(f"{tuple(ids.shape)};".encode() + ids.numpy().tobytes()).hexdigest()
+
+
+def recipe_key(recipe: Recipe) -> str:
+    return hashlib.sha256(json.dumps(recipe.to_dict()["stages"], sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Level:
+    """One menu entry's result on one layer."""
+
+    entry: str
+    bits: int  # exact storage of the layer's parts
+    output_error: float | None
+    weight_error: float | None
+
+
+@dataclass
+class LevelDB:
+    """An opened level database: ``layers`` in model order (block by block, the adapter's order
+    within a block), ``shapes`` per layer, ``levels[layer]`` one ``Level`` per entry in menu
+    order."""
+
+    path: Path
+    index: dict[str, Any]
+    entries: list[str]
+    layers: list[str]
+    shapes: dict[str, tuple[int, int]]
+    levels: dict[str, list[Level]]
+
+    @property
+    def numel(self) -> int:
+        return sum(o * i for o, i in self.shapes.values())
+
+    def bits(self, choice: list[int] | tuple[int, ...]) -> int:
+        """Exact storage of the linears' parts when layer ``k`` takes entry ``choice[k]``."""
+        return sum(self.levels[name][c].bits for name, c in zip(self.layers, choice))
+
+    def uniform(self, entry: str) -> tuple[int, ...]:
+        return (self.entries.index(entry),) * len(self.layers)
+
+    def checkpoint(self, entry: str) -> Path:
+        return self.path / self.index["entries"][entry]["checkpoint"]
+
+    def dense_weights(self, entries: list[str] | None = None) -> dict[str, list[torch.Tensor]]:
+        """``{layer: [float32 (out, in) weight of each entry]}``, one checkpoint loaded at a time."""
+        out: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        for entry in entries or self.entries:
+            model = load_checkpoint(self.checkpoint(entry)).model
+            for name in self.layers:
+                module = model.get_submodule(name)
+                if not isinstance(module, CompressedLinear):
+                    raise SearchError(f"{self.checkpoint(entry)}: layer {name} is not compressed in entry {entry!r}")
+                out[name].append(module.dense().float().contiguous())
+            del model
+        return out
+
+
+def _check_index(index: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise SearchError(f"{path} is not a tensorpress level database (no {FORMAT} index)")
+    if index.get("version") != VERSION:
+        raise SearchError(f"{path}: level database version {index.get('version')!r}; this tensorpress reads version {VERSION}")
+    if not isinstance(index.get("entries"), dict):
+        raise SearchError(f"{path}: index has no entries table")
+    return index
+
+
+def _write_index(path: Path, index: dict[str, Any]) -> None:
+    tmp = path / f".{INDEX}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path / INDEX)
+
+
+def _folder(name: str, recipe: Recipe) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[:60]}-{recipe_key(recipe)}"
+
+
+def build_levels(
+    lm: LoadedModel,
+    menu: dict[str, Recipe],
+    calib: TokenWindows,
+    path: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    on_entry: Any = None,
+) -> LevelDB:
+    """Compress ``lm`` once per menu entry into the database at ``path`` (created, or resumed:
+    entries already built from the same recipe are kept) and open it. ``on_entry(name,
+    seconds, reused)`` is called after each entry."""
+    path = Path(path)
+    model_id, calib_id = fingerprint(lm), windows_hash(calib)
+    if (path / INDEX).is_file():
+        index = _check_index(read_json(path / INDEX, MAX_INDEX_BYTES, "level index", CheckpointError), path)
+        if index.get("fingerprint") != model_id:
+            raise SearchError(f"{path} holds levels of another model ({index.get('model')!r}, different weights); "
+                              "give a new database directory")
+        if index.get("calibration_sha256") != calib_id:
+            raise SearchError(f"{path} was built on other calibration windows ({index.get('calibration')!r}); "
+                              f"this search uses {calib.describe()}: give a new database directory or the same --calib")
+    elif path.exists() and any(path.iterdir()):
+        raise SearchError(f"{path} exists and is not a level database; give an empty or new directory")
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        index = {"format": FORMAT, "version": VERSION, "model": lm.spec, "fingerprint": model_id,
+                 "calibration": calib.describe(), "calibration_sha256": calib_id, "entries": {}}
+        _write_index(path, index)
+    for name, recipe in menu.items():
+        folder = _folder(name, recipe)
+        done = index["entries"].get(name)
+        if done is not None and done.get("checkpoint") == folder and (path / folder / "manifest.json").is_file():
+            if on_entry:
+                on_entry(name, done.get("seconds", 0.0), True)
+            continue
+        if done is not None:  # another recipe under this name: rebuilt
+            shutil.rmtree(path / str(done.get("checkpoint", "")), ignore_errors=True)
+        log.info("level database: compressing with %s", name)
+        start = time.perf_counter()
+        result = compress(lm, recipe.model_copy(update={"inputs": "original"}), calib, batch_size=batch_size)
+        result.save(path / folder, overwrite=True)
+        seconds = time.perf_counter() - start
+        index["entries"][name] = {
+            "recipe": recipe.to_dict(), "checkpoint": folder, "seconds": seconds,
+            "layers": {n: {"shape": list(r.shape), "bits": r.weight_bits, "output_error": r.output_error,
+                           "weight_error": r.weight_error} for n, r in result.layers.items()},
+        }
+        _write_index(path, index)
+        del result
+        if on_entry:
+            on_entry(name, seconds, False)
+    return open_levels(path, list(menu), lm)
+
+
+def open_levels(path: str | os.PathLike, entries: list[str] | None = None, lm: LoadedModel | None = None) -> LevelDB:
+    """Open the database at ``path`` with ``entries`` (default: all, in index order); the
+    layers are the block linears every entry compressed (an entry that missed one is an error)."""
+    path = Path(path)
+    if not (path / INDEX).is_file():
+        raise SearchError(f"{path} is not a level database ({INDEX} is missing); build it with tensorpress search")
+    index = _check_index(read_json(path / INDEX, MAX_INDEX_BYTES, "level index", CheckpointError), path)
+    if lm is not None and index.get("fingerprint") != fingerprint(lm):
+        raise SearchError(f"{path} holds levels of another model than {lm.spec!r}")
+    entries = list(index["entries"]) if entries is None else entries
+    missing = [e for e in entries if e not in index["entries"]]
+    if missing:
+        raise SearchError(f"{path} has no levels for {missing}; it has {list(index['entries'])}")
+    if len(entries) < 2:
+        raise SearchError(f"a search needs at least two menu entries, {path} gives {entries}")
+    first = index["entries"][entries[0]]["layers"]
+    layers = list(first)
+    for entry in entries[1:]:
+        other = index["entries"][entry]["layers"]
+        if set(other) != set(layers):
+            diff = sorted(set(layers) ^ set(other))[:5]
+            raise SearchError(f"menu entries {entries[0]!r} and {entry!r} compress different layers (e.g. {diff}); "
+                              "every entry must cover the same block linears")
+    shapes = {n: tuple(first[n]["shape"]) for n in layers}
+    levels = {n: [Level(e, int(index["entries"][e]["layers"][n]["bits"]), index["entries"][e]["layers"][n]["output_error"],
+                        index["entries"][e]["layers"][n]["weight_error"]) for e in entries] for n in layers}
+    return LevelDB(path, index, entries, layers, shapes, levels)

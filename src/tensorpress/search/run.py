@@ -1,0 +1,195 @@
+"""``tp.search``: the best mix of menu entries per layer for a budget, and the recipe that makes it.
+
+Steps: the level database (built once, reused), the feasible range of the budget, the seeds
+(every uniform entry that fits, and the greedy allocation over Fisher-weighted layer errors,
+``Σ F ⊙ (W − Ŵ)²`` with ``F`` the diagonal empirical Fisher of the LM loss, as AutoQuantize
+prices a layer's choice), the evolutionary search (``evolve``), and the result: the chosen entry
+per layer, the recipe that ``tp.compress`` turns into exactly the searched model, and the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from tensorpress.data import TokenWindows
+from tensorpress.engine.linears import weight_of
+from tensorpress.errors import CalibrationError, SearchError
+from tensorpress.methods.quant.mixed import fisher_diagonals
+from tensorpress.models import LoadedModel
+from tensorpress.recipe import Recipe
+from tensorpress.search.budget import Budget, parse_budget, rest_of_model
+from tensorpress.search.evolve import Outcome, Schedule, evolve
+from tensorpress.search.executor import make_executor
+from tensorpress.search.fitness import Choice, prepare
+from tensorpress.search.greedy import greedy_choice
+from tensorpress.search.levels import LevelDB, build_levels
+from tensorpress.search.menu import parse_menu
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "search-state.json"
+
+
+@dataclass
+class SearchResult:
+    """What a search found: ``choices`` (layer -> menu entry), ``recipe`` (reproduces it),
+    the pool KL of the result and of every seed, and the storage of the result."""
+
+    choices: dict[str, str]
+    recipe: Recipe
+    fitness: float
+    seeds: dict[str, float]
+    seed_name: str
+    budget: str
+    budget_bits: float
+    linear_bits: int
+    linear_numel: int
+    rest_bits: int
+    model_numel: int
+    log: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    executor: str = ""
+    evaluations: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.linear_bits / self.linear_numel
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for entry in self.choices.values():
+            counts[entry] = counts.get(entry, 0) + 1
+        return {"budget": self.budget, "budget_bits": self.budget_bits, "bits_per_weight": self.bits_per_weight,
+                "linear_bits": self.linear_bits, "model_bits_per_parameter": (self.linear_bits + self.rest_bits) / self.model_numel,
+                "model_bytes": (self.linear_bits + self.rest_bits) / 8, "fitness_kl": self.fitness,
+                "seeds_kl": self.seeds, "seed": self.seed_name, "entries_used": counts, "choices": self.choices,
+                "generations": self.log, "timings": self.timings, "executor": self.executor,
+                "evaluations": self.evaluations, "recipe": self.recipe.to_dict()}
+
+
+def mix_recipe(db: LevelDB, choice: Choice, menu: dict[str, Recipe], name: str, description: str = "") -> Recipe:
+    """One stage per stage of every chosen entry, each targeting exactly the layers that chose
+    it, all from the original model's statistics (``inputs: original``, as the levels were made)."""
+    by_entry: dict[str, list[str]] = {}
+    for layer, level in zip(db.layers, choice):
+        by_entry.setdefault(db.entries[level], []).append(layer)
+    stages = []
+    for entry in db.entries:
+        if entry in by_entry:
+            stages += [stage.model_copy(update={"targets": list(by_entry[entry])}) for stage in menu[entry].stages]
+    return Recipe(name=name, description=description, stages=stages, inputs="original")
+
+
+def fisher_errors(lm: LoadedModel, db: LevelDB, weights: dict[str, list[torch.Tensor]], windows: torch.Tensor) -> dict[str, dict[int, float]]:
+    """``{layer: {level: Σ F ⊙ (W − Ŵ_level)²}}``, ``F`` the diagonal Fisher on ``windows``."""
+    if not lm.causal:
+        raise SearchError("the Fisher-weighted seed needs a causal language model's loss")
+    model = lm.model
+    modules = {name: model.get_submodule(name) for name in db.layers}
+    fisher = fisher_diagonals(model, {n: m.weight for n, m in modules.items()}, windows)
+    out = {}
+    for name, module in modules.items():
+        f = fisher[name].T if isinstance(module, Conv1D) else fisher[name]  # Conv1D keeps (in, out)
+        original = weight_of(module)
+        out[name] = {lv: float((f * (original - w).square()).sum()) for lv, w in enumerate(weights[name])}
+    return out
+
+
+def _feasible(db: LevelDB, budget: Budget, budget_bits: float, lm: LoadedModel, rest_bits: int, model_numel: int) -> float:
+    low = sum(min(lv.bits for lv in db.levels[n]) for n in db.layers)
+    high = sum(max(lv.bits for lv in db.levels[n]) for n in db.layers)
+    dense = sum(lm.model.get_submodule(n).weight.element_size() * 8 * o * i for n, (o, i) in db.shapes.items())
+
+    def spell(bits: float) -> str:
+        return budget.describe(bits, db.numel, rest_bits, model_numel)
+
+    if budget_bits < low:
+        raise SearchError(f"budget {budget.text} is below the smallest menu choice ({spell(low)}, every layer at its "
+                          f"cheapest entry); feasible: {spell(low)} to {spell(min(high, dense))}")
+    if budget_bits > dense:
+        raise SearchError(f"budget {budget.text} is above the uncompressed size ({spell(dense)}); "
+                          f"feasible: {spell(low)} to {spell(min(high, dense))}")
+    return min(budget_bits, high)
+
+
+def search(
+    lm: LoadedModel,
+    budget: str | float | Budget,
+    calib: TokenWindows,
+    levels_dir: str | os.PathLike,
+    *,
+    menu: str | list[str] | None = None,
+    schedule: Schedule | None = None,
+    pool: int = 8,
+    fisher_samples: int = 16,
+    workers: int | None = 0,
+    ray_address: str | None = None,
+    state_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    name: str = "searched",
+    on_generation: Any = None,
+    on_entry: Any = None,
+) -> SearchResult:
+    """Search the per-layer mix of ``menu`` entries with the lowest KL to ``lm`` on ``pool``
+    calibration windows within ``budget``; the levels are built in (or reused from)
+    ``levels_dir``, the search state kept in ``state_dir`` (``resume`` continues it)."""
+    timings: dict[str, float] = {}
+    schedule = schedule or Schedule()
+    budget = budget if isinstance(budget, Budget) else parse_budget(budget)
+    if calib is None or len(calib.input_ids) < max(pool, 1):
+        raise CalibrationError(f"the search scores candidates on {pool} calibration windows; pass at least that many")
+    entries = parse_menu(menu)
+    t0 = time.perf_counter()
+    db = build_levels(lm, entries, calib, levels_dir, on_entry=on_entry)
+    timings["levels_seconds"] = time.perf_counter() - t0
+    rest_bits, rest_numel = rest_of_model(lm.model, db.layers)
+    model_numel = db.numel + rest_numel
+    budget_bits = _feasible(db, budget, budget.linear_bits(db.numel, rest_bits, model_numel), lm, rest_bits, model_numel)
+    costs = [[lv.bits for lv in db.levels[n]] for n in db.layers]
+
+    t0 = time.perf_counter()
+    weights = db.dense_weights()
+    timings["load_levels_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    seeds: dict[str, Choice] = {f"uniform {e}": db.uniform(e) for e in db.entries if db.bits(db.uniform(e)) <= budget_bits}
+    if lm.causal:
+        errors = fisher_errors(lm, db, weights, calib.input_ids[:fisher_samples])
+        options = {n: {lv: (errors[n][lv], costs[k][lv]) for lv in range(len(db.entries))} for k, n in enumerate(db.layers)}
+        picked = greedy_choice(options, budget_bits)
+        seeds["fisher greedy"] = tuple(int(picked[n]) for n in db.layers)
+    timings["seed_seconds"] = time.perf_counter() - t0
+    if not seeds:
+        raise SearchError(f"no seed fits budget {budget.text}")
+
+    t0 = time.perf_counter()
+    pieces = prepare(lm, db.layers, weights, TokenWindows(calib.input_ids[:pool], calib.source, calib.seed))
+    del weights
+    executor = make_executor(pieces, workers, ray_address)
+    del pieces
+    timings["prepare_seconds"] = time.perf_counter() - t0
+    identity = {"levels": str(Path(levels_dir).resolve()), "entries": db.entries, "fingerprint": db.index["fingerprint"],
+                "calibration_sha256": db.index["calibration_sha256"], "pool": pool}
+    state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
+    if state_path is not None:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        outcome: Outcome = evolve(executor, costs, budget_bits, seeds, schedule, state_path=state_path, resume=resume,
+                                  identity=identity, on_generation=on_generation)
+    finally:
+        executor.close()
+    timings["search_seconds"] = outcome.seconds
+    bits = db.bits(outcome.choice)
+    spelled = budget.describe(bits, db.numel, rest_bits, model_numel)
+    recipe = mix_recipe(db, outcome.choice, entries, name,
+                        f"searched mix of {', '.join(db.entries)} for {budget.text} ({spelled}); pool KL {outcome.fitness:.4f}")
+    return SearchResult(dict(zip(db.layers, (db.entries[c] for c in outcome.choice))), recipe, outcome.fitness,
+                        outcome.seeds, outcome.seed_name, budget.text, budget_bits, bits, db.numel, rest_bits,
+                        model_numel, outcome.log, timings, executor.kind, outcome.evaluations)

@@ -39,6 +39,9 @@ SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="tokens per win
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="also write the report as JSON here")]
 RunsOpt = Annotated[Path, typer.Option("--runs", envvar=RUNS_ENV, help="folder of run directories this run is "
                                        "recorded in, for 'tensorpress report'")]
+CalibOpt = Annotated[str, typer.Option("--calib", help="'generated', a text file, or hf:<dataset>[:<config>]:<split>")]
+SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="calibration windows")]
+CalibSeqLenOpt = Annotated[int, typer.Option("--calib-seq-len", min=2, help="tokens per calibration window")]
 RecordOpt = Annotated[bool, typer.Option("--record/--no-record", help="record the figures as a run directory under --runs")]
 
 
@@ -70,9 +73,9 @@ def compress(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="built-in recipe name or YAML path")] = "rtn-w4g128",
     output: Annotated[Path | None, typer.Option("--out", "-o", help="checkpoint directory [default: out/MODEL-RECIPE]")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
-    calib: Annotated[str, typer.Option("--calib", help="'generated', a text file, or hf:<dataset>[:<config>]:<split>")] = "generated",
-    samples: Annotated[int, typer.Option("--samples", min=1, help="calibration windows")] = 128,
-    calib_seq_len: Annotated[int, typer.Option("--calib-seq-len", min=2, help="tokens per calibration window")] = 512,
+    calib: CalibOpt = "generated",
+    samples: SamplesOpt = 128,
+    calib_seq_len: CalibSeqLenOpt = 512,
     seed: Annotated[int, typer.Option("--seed", help="calibration seed")] = 0,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate against the original model")] = True,
     data: DataOpt = DEFAULT_TEXT,
@@ -105,6 +108,136 @@ def compress(
         from tensorpress.report import experts_table
 
         err.print(experts_table(experts))
+    payload = _save_and_evaluate(lm, result, output, overwrite, data if evaluate else None, windows, seq_len,
+                                 f"{model} · {rec.name} → {output}")
+    _write_json(json_path, payload)
+    if record:
+        _record(ctx, runs, "compress", f"{Path(model).stem}-{rec.name}", {"model": model, "recipe": rec.name, **payload})
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    model: ModelArg = "smollm2-135m",
+    budget: Annotated[str | None, typer.Option("--budget", help="bits per weight of the block linears (3.0bpw) or of "
+                                               "the whole model (9.2bpw-model)")] = None,
+    size: Annotated[str | None, typer.Option("--size", help="bytes of the model's tensors as stored (60MB, 57MiB)")] = None,
+    depth: Annotated[int | None, typer.Option("--depth", min=1, help="instead of a budget: the number of decoder "
+                                              "blocks to remove, chosen by the same search")] = None,
+    menu: Annotated[str | None, typer.Option("--menu", help="comma list of menu entries (names of tensorpress.search."
+                                             "MENU_RECIPES, built-in recipes or YAML paths) [default: GPTQ 2/3/4/5/6/8 "
+                                             "bits g128, SparseGPT 50 % and 2:4 at 4 bits, GPTQ-3 + EoRA r16]")] = None,
+    output: Annotated[Path | None, typer.Option("--out", "-o", help="folder for recipe.yaml, search.json, the search "
+                                                "state and the checkpoint (model/) [default: out/MODEL-search-BUDGET]")] = None,
+    levels: Annotated[Path | None, typer.Option("--levels", help="level database folder, built once and reused by "
+                                                "later searches [default: out/levels-MODEL]")] = None,
+    calib: CalibOpt = "generated",
+    samples: SamplesOpt = 128,
+    calib_seq_len: CalibSeqLenOpt = 512,
+    seed: Annotated[int, typer.Option("--seed", help="calibration and search seed")] = 0,
+    pool: Annotated[int, typer.Option("--pool", min=1, help="calibration windows the fitness (KL) is measured on")] = 8,
+    generations: Annotated[int, typer.Option("--generations", min=0, help="generations of the evolutionary search")] = 40,
+    offspring: Annotated[int, typer.Option("--offspring", min=1, help="children per generation")] = 16,
+    stages: Annotated[str, typer.Option("--stages", help="selection stages before the last, WINDOWS:SURVIVORS each; "
+                                        "the last scores the survivors on the whole pool")] = "1:4,3:2",
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="Ray workers (0: in-process) [default: one "
+                                                "per core with Ray installed, else in-process]")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="join this Ray cluster instead of "
+                                                    "starting a local one")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the search saved in --out")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing checkpoint in --out")] = False,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate the result against the original model")] = True,
+    data: DataOpt = DEFAULT_TEXT,
+    windows: WindowsOpt = 40,
+    seq_len: SeqLenOpt = 512,
+    json_path: JsonOpt = None,
+    runs: RunsOpt = Path("runs"),
+    record: RecordOpt = True,
+) -> None:
+    """Search the best per-layer mix of compressions for a budget, then compress, save and
+    evaluate it; the mix is written as a recipe that 'tensorpress compress' reproduces bit for bit.
+
+    Example: tensorpress search smollm2-135m --budget 3.0bpw --calib notes.txt -o out/s3
+    """
+    from tensorpress.search import Schedule
+    from tensorpress.search import search as run_search
+
+    if sum(x is not None for x in (budget, size, depth)) != 1:
+        raise tp.errors.SearchError("give exactly one of --budget (bits per weight), --size (bytes) and --depth (blocks)")
+    spec = budget or size or f"depth{depth}"
+    schedule = Schedule(generations=generations, offspring=offspring, stages=_parse_stages(stages), seed=seed)
+    tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
+    output = output or Path("out") / f"{Path(model).stem}-search-{tag}"
+    levels = levels or Path("out") / f"levels-{Path(model).stem}"
+    checkpoint = output / "model"
+    if checkpoint.exists() and not overwrite:
+        raise OutputExistsError(f"{checkpoint} already exists; pass --overwrite to replace it")
+    if any((output / f).exists() for f in ("search-state.json", "depth-state.json")) and not resume:
+        raise OutputExistsError(f"{output} holds a search; pass --resume to continue it or give another --out")
+    if evaluate and not data.is_file():
+        raise tp.errors.CalibrationError(f"evaluation text not found: {data}; pass --data PATH or --no-eval")
+    err.print(f"loading {model} ...")
+    lm = tp.load_model(model)
+    windows_calib = tp.data.calibration(lm, source=calib, samples=samples, seq_len=calib_seq_len, seed=seed)
+
+    def entry_done(name: str, seconds: float, reused: bool) -> None:
+        err.print(f"levels: {name} {'reused' if reused else f'built in {seconds:.0f} s'}")
+
+    def generation_done(entry: dict) -> None:
+        logging.getLogger("tensorpress.search").info("generation %d: KL %.5f%s", entry["generation"], entry["fitness"],
+                                                     " (improved)" if entry["accepted"] else "")
+
+    if depth is not None:
+        from tensorpress.search import search_depth
+
+        recipe, outcome, timings = search_depth(lm, depth, windows_calib, schedule=schedule, pool=pool, workers=workers,
+                                                ray_address=ray_address, state_dir=output, resume=resume,
+                                                on_generation=generation_done)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        err.print(f"searched {len(outcome.log)} generations in {outcome.seconds:.0f} s: remove blocks "
+                  f"{recipe.stages[0].indices}, pool KL {outcome.fitness:.4f} (seed {outcome.seed_name}: "
+                  f"{outcome.seeds[outcome.seed_name]:.4f}); recipe {output / 'recipe.yaml'}")
+        found = {"depth": depth, "removed": recipe.stages[0].indices, "fitness_kl": outcome.fitness,
+                 "seeds_kl": outcome.seeds, "seed": outcome.seed_name, "generations": outcome.log, "timings": timings}
+        compressed = tp.compress(lm, recipe, windows_calib)
+    else:
+        result = run_search(lm, spec, windows_calib, levels, menu=menu, schedule=schedule, pool=pool, workers=workers,
+                            ray_address=ray_address, state_dir=output, resume=resume,
+                            name=f"{Path(model).stem}-search-{tag}", on_entry=entry_done, on_generation=generation_done)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.yaml").write_text(result.recipe.to_yaml(), encoding="utf-8")
+        err.print(f"searched {len(result.log)} generations in {result.timings['search_seconds']:.0f} s ({result.executor}): "
+                  f"pool KL {result.fitness:.4f} (seed {result.seed_name}: {result.seeds[result.seed_name]:.4f}), "
+                  f"{result.bits_per_weight:.4f} bits/weight; recipe {output / 'recipe.yaml'}")
+        compressed = tp.compress(lm, result.recipe, windows_calib)
+        if sum(r.weight_bits for r in compressed.layers.values()) != result.linear_bits:
+            raise tp.errors.SearchError("the recipe's compression does not have the searched size; the level database "
+                                        f"{levels} does not match this tensorpress (rebuild it in a new folder)")
+        recipe, found = result.recipe, result.to_dict()
+    payload = _save_and_evaluate(lm, compressed, checkpoint, overwrite, data if evaluate else None, windows, seq_len,
+                                 f"{model} · search {spec} → {checkpoint}")
+    payload["search"] = found
+    _write_json(output / "search.json", found)
+    _write_json(json_path, payload)
+    if record:
+        _record(ctx, runs, "search", f"{Path(model).stem}-search-{tag}", {"model": model, "recipe": recipe.name, **payload})
+
+
+def _parse_stages(text: str) -> tuple[tuple[int, int], ...]:
+    stages = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        windows, _, survivors = item.partition(":")
+        if not (windows.isdigit() and survivors.isdigit()):
+            raise tp.errors.SearchError(f"--stages item {item!r} is not WINDOWS:SURVIVORS (e.g. 1:4,3:2)")
+        stages.append((int(windows), int(survivors)))
+    return tuple(stages)
+
+
+def _save_and_evaluate(lm, result, output: Path, overwrite: bool, data: Path | None, windows: int, seq_len: int,
+                       title: str) -> dict:
+    """Save ``result``, reload it and check its outputs against the in-memory model, and (with
+    ``data``) evaluate the reloaded checkpoint against ``lm``; returns the run's payload."""
     result.save(output, overwrite=overwrite)
     reloaded = tp.load_compressed(output)
     from tensorpress.eval.quality import max_output_difference
@@ -115,18 +248,16 @@ def compress(
                               f"compressed model's by up to {diff:.3g}: the checkpoint does not hold what was measured")
     err.print(f"saved {output}; reloaded: outputs identical to the in-memory compressed model")
     payload = {"checkpoint": str(output), "compression": result.to_dict(), "reload_max_diff": diff}
-    if evaluate:
+    if data is not None:
         # the reloaded checkpoint is what gets evaluated: the figures are those of the files on disk
         report = tp.evaluate(reloaded, reference=lm, data=data, seq_len=seq_len, windows=windows)
         from tensorpress.report import report_table
 
-        out.print(report_table(report, title=f"{model} · {rec.name} → {output}"))
+        out.print(report_table(report, title=title))
         payload["evaluation"] = report.to_dict()
         payload["protocol"] = f"P1: {report.windows} windows x {report.seq_len} tokens of {report.data}; " \
                               f"calibration: {result.calibration or 'none'}"
-    _write_json(json_path, payload)
-    if record:
-        _record(ctx, runs, "compress", f"{Path(model).stem}-{rec.name}", {"model": model, "recipe": rec.name, **payload})
+    return payload
 
 
 def _command_line(ctx: click.Context) -> list[str]:

@@ -46,6 +46,9 @@ class Entry:
     kl: float | None = None
     top1: float | None = None
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> acc, acc_norm, flips, n, ...
+    # a search run: (generation, pool KL of the parent) and the seed the search started from
+    search: list[tuple[int, float]] = field(default_factory=list)
+    search_seed: tuple[str, float] | None = None
     layers: list[Layer] = field(default_factory=list)
     protocol: str = ""
     machine: str = ""
@@ -163,7 +166,22 @@ def _from_run(folder: Path) -> Entry:
     _evaluation(entry, record.get("evaluation"))
     entry.tasks = _tasks(record.get("tasks"))
     entry.layers = _layers(comp.get("layers") or record.get("layers"), record.get("layer_errors"))
+    _search(entry, record.get("search"))
     return entry
+
+
+def _search(entry: Entry, found: Any) -> None:
+    """The fitness per generation of a search run, from untrusted JSON (bad rows skipped)."""
+    if not isinstance(found, dict):
+        return
+    rows = found.get("generations") if isinstance(found.get("generations"), list) else []
+    for row in rows:
+        if isinstance(row, dict) and isinstance(row.get("generation"), int) and _num(row.get("fitness")) is not None:
+            entry.search.append((row["generation"], _num(row["fitness"])))
+    seeds = found.get("seeds_kl") if isinstance(found.get("seeds_kl"), dict) else {}
+    name = _text(found.get("seed"))
+    if name in seeds and _num(seeds[name]) is not None:
+        entry.search_seed = (name, _num(seeds[name]))
 
 
 def _from_checkpoint(folder: Path) -> Entry:

@@ -186,6 +186,26 @@ def layers_plot(entry: Entry) -> bytes | None:
     return _png(fig)
 
 
+def search_plot(entries: list[Entry]) -> bytes | None:
+    """Pool KL of each search's parent per generation, with the seed it started from."""
+    runs = [(i, e) for i, e in enumerate(entries, 1) if e.search]
+    if not runs:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, e in runs:
+        line = ax.plot([g for g, _ in e.search], [f for _, f in e.search], marker=".", lw=1, label=f"#{i} {_short(e.label)}")
+        if e.search_seed is not None:
+            ax.axhline(e.search_seed[1], color=line[0].get_color(), ls="--", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("KL to the original on the search pool (nats/token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def kv_plot(found: Collection) -> bytes | None:
     rows = [r for r in found.kv if r.kl is not None or r.perplexity is not None]
     if not rows:
@@ -332,6 +352,14 @@ def write_report(found: Collection, out: str | Path, *, layers_of: str | None = 
                                        "against the original weight (output error on the calibration inputs where the "
                                        "run collected them, else weight error), by block and linear.",
                             "provenance": _prov(entries, [i])})
+    data = search_plot(entries)
+    if data is not None:
+        idx = [i for i, e in enumerate(entries, 1) if e.search]
+        figures.append({"file": "search.png", "png": data, "title": "Searches",
+                        "caption": "The parent's KL on the search's calibration pool after every generation; dashed: "
+                                   "the seed it started from (the best uniform or greedy allocation). Quality in the "
+                                   "runs table is measured on the evaluation windows instead.",
+                        "provenance": _prov(entries, idx)})
     data = kv_plot(found)
     if data is not None:
         figures.append({"file": "kv.png", "png": data, "title": "KV caches",

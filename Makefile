@@ -112,6 +112,7 @@ bench: install
 	$(BIN)/python bench/quality.py --model smollm2-135m --no-baseline --method gptq-w4g128,gptq-w3g128,awq-w3g128,spqr-w3g128,gptq-mixed-3.5 --out bench/results/quality-smollm2-135m-calibrated.json
 	$(BIN)/python bench/quality.py --model smollm2-135m --method rtn-w4g128,rtn-w3g128,gptq-w4g128,gptq-w3g128,awq-w3g128,sparsegpt-50,sparsegpt-2-4,wanda-50,svd-llm-p20,drop-blocks-4,gptq-mixed-3.5 --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq --task-limit 100 --out bench/results/quality-smollm2-135m-tasks.json
 	$(BIN)/python bench/quality.py --model gemma3-270m --method rtn-w4g128,rtn-w3g128,gptq-w4g128,gptq-w3g128,awq-w4g128,sparsegpt-50,svd-llm-p20,rtn-w4g128-head8,rtn-w4g128-embed8,rtn-w4g128-embed4
+	$(BIN)/python bench/search.py
 	$(BIN)/python bench/speed.py
 	$(BIN)/python bench/lossless.py
 	$(BIN)/python bench/kv.py ppl

@@ -1,15 +1,17 @@
 """Budget search benchmark (issue: tensorpress search), protocol P1 (../shared/data/README.md).
 
 Builds (or reuses) the level database of the default menu on P1's 128 x 512 calibration
-windows, then compares, on P1's evaluation windows (never the calibration data):
+windows (``--level-inputs``: each entry the usual sequential compression, or every block from
+the original model's inputs), then compares, on P1's evaluation windows (never the calibration data):
 
 * at the exact size of uniform GPTQ w3g128: that uniform recipe, the Fisher-greedy
   ``target_bits`` allocation of GPTQ widths, the search over GPTQ bits alone and the search
   across all menu methods;
 * at 2.5 bits/weight: the best uniform recipes at or below it and the search across methods.
 
-Each searched mix is compressed again from its recipe (``tp.compress``: the reproduction is what
-is evaluated). Prints a table and writes JSON with the protocol, command and machine.
+Each searched mix is evaluated twice: as scored (the database's layers assembled) and compressed
+again from its recipe (``tp.compress``: what ``tensorpress search`` saves; with levels from the
+original inputs the two are the same model, which is checked layer by layer). Prints a table and writes JSON with the protocol, command and machine.
 Run ``.venv/bin/python bench/search.py --help`` for the options.
 """
 
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="P1 text (calibration: first 60 %%, evaluation: last 40 %%)")
     p.add_argument("--levels", type=Path, default=Path("out/levels-smollm2-135m"), help="level database folder (reused)")
+    p.add_argument("--level-inputs", choices=("compressed", "original"), default="compressed")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--windows", type=int, default=40, help="P1 evaluation windows")
@@ -86,35 +89,48 @@ def main(argv: list[str] | None = None) -> int:
                       highlight=False)
 
     t0 = time.perf_counter()
-    db = build_levels(lm, parse_menu(None), calib, args.levels,
+    db = build_levels(lm, parse_menu(None), calib, args.levels, inputs=args.level_inputs,
                       on_entry=lambda n, s, r: console.print(f"levels: {n} {'reused' if r else 'built'} ({s:.0f} s to build)"))
     build = {e: db.index["entries"][e]["seconds"] for e in db.entries}
     console.print(f"level database: {sum(build.values()):.0f} s to build ({len(build)} entries), "
                   f"{time.perf_counter() - t0:.0f} s here")
-    dense = db.dense_weights()  # to check that each recipe reproduces the searched layers
+    dense = db.dense_weights() if db.exact else None  # to check that each recipe reproduces the searched layers
     w3_bits = db.bits(db.uniform("gptq-w3g128"))
     w3_bpw = w3_bits / db.numel
     searches: dict[str, dict] = {}
 
     def run_search(name: str, budget, menu) -> None:
         result = search(lm, budget, calib, args.levels, menu=list(menu), schedule=schedule, pool=args.pool,
-                        workers=args.workers, name=name)
+                        inputs=args.level_inputs, workers=args.workers, name=name)
+        used = result.to_dict()["entries_used"]
+        found = {"search_seconds": result.timings["search_seconds"], "pool_kl": result.fitness, "seed": result.seed_name,
+                 "seed_pool_kl": result.seeds[result.seed_name], "entries_used": used, "generations": len(result.log),
+                 "evaluations": result.evaluations}
+        searches[name] = result.to_dict()
+        if not db.exact:
+            evaluate(f"{name} (as scored: database layers)", db.assemble(lm, [db.entries.index(result.choices[n])
+                                                                                for n in db.layers]), found)
         t = time.perf_counter()
         compressed = tp.compress(lm, result.recipe, calib)
         seconds = time.perf_counter() - t
         if sum(r.weight_bits for r in compressed.layers.values()) != result.linear_bits:
             raise SystemExit(f"{name}: the recipe's compression has another size than the searched mix")
-        same = sum(torch.equal(compressed.model.model.get_submodule(layer).dense(), dense[layer][db.entries.index(entry)])
-                   for layer, entry in result.choices.items())
-        console.print(f"{name}: recipe reproduces {same} of {len(result.choices)} layers bit for bit")
-        used = result.to_dict()["entries_used"]
-        searches[name] = {**result.to_dict(), "recompress_seconds": seconds, "layers_bit_identical": same}
-        evaluate(name, compressed, {"search_seconds": result.timings["search_seconds"], "pool_kl": result.fitness,
-                                    "seed": result.seed_name, "seed_pool_kl": result.seeds[result.seed_name],
-                                    "entries_used": used, "generations": len(result.log), "evaluations": result.evaluations})
+        searches[name]["recompress_seconds"] = seconds
+        if dense is not None:
+            same = sum(torch.equal(compressed.model.model.get_submodule(layer).dense(), dense[layer][db.entries.index(entry)])
+                       for layer, entry in result.choices.items())
+            console.print(f"{name}: recipe reproduces {same} of {len(result.choices)} layers bit for bit")
+            searches[name]["layers_bit_identical"] = same
+        evaluate(f"{name} (its recipe compressed: the saved model)", compressed,
+                 {"compress_seconds": seconds, **(found if db.exact else {"entries_used": used})})
+        del compressed
 
     if "w3" in rows_wanted:
-        evaluate("gptq-w3g128 (uniform)", tp.load_compressed(db.checkpoint("gptq-w3g128")), {})
+        evaluate(f"gptq-w3g128 (uniform, level database: inputs {db.inputs})", tp.load_compressed(db.checkpoint("gptq-w3g128")), {})
+        if db.exact:  # otherwise that entry is the built-in recipe's compression
+            t = time.perf_counter()
+            evaluate("gptq-w3g128 (uniform, the built-in recipe)", tp.compress(lm, "gptq-w3g128", calib),
+                     {"compress_seconds": time.perf_counter() - t})
         base = menu_entry("gptq-w3g128").stages[0]
         greedy = tp.Recipe(name="gptq-target-bits", description="Fisher-greedy target_bits over GPTQ 2/3/4/5/6/8 bits g128",
                            stages=[base.model_copy(update={"bits": 3, "target_bits": w3_bpw, "bit_choices": [2, 3, 4, 5, 6, 8]})])
@@ -127,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         run_search("search: across methods", repr(w3_bpw), DEFAULT_MENU)
     if "2.5" in rows_wanted:
         for entry in ("gptq-w2g128",):
-            evaluate(f"{entry} (uniform)", tp.load_compressed(db.checkpoint(entry)), {})
+            evaluate(f"{entry} (uniform, inputs {db.inputs})", tp.load_compressed(db.checkpoint(entry)), {})
         t = time.perf_counter()
         evaluate("gptq-w2g64 (uniform)", tp.compress(lm, "gptq-w2g64", calib), {"compress_seconds": time.perf_counter() - t})
         run_search("search 2.5 bpw: across methods", "2.5bpw", DEFAULT_MENU)
@@ -159,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol = {"name": "P1", "data": str(args.data), "evaluation_windows": evalw.samples, "seq_len": 512,
                 "calibration": calib.describe(), "pool": f"first {args.pool} calibration windows",
                 "schedule": {"generations": args.generations, "offspring": args.offspring, "stages": stages},
-                "workers": args.workers}
+                "workers": args.workers, "level_inputs": args.level_inputs}
     payload = {"protocol": protocol, "command": shlex.join([sys.executable, *sys.argv]),
                "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

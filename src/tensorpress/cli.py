@@ -131,6 +131,10 @@ def search(
                                                 "state and the checkpoint (model/) [default: out/MODEL-search-BUDGET]")] = None,
     levels: Annotated[Path | None, typer.Option("--levels", help="level database folder, built once and reused by "
                                                 "later searches [default: out/levels-MODEL]")] = None,
+    level_inputs: Annotated[str, typer.Option("--level-inputs", help="calibrate each level on the entry's own "
+                                              "compressed blocks (compressed: better levels, the mix is compressed "
+                                              "again sequentially) or on the original model (original: the "
+                                              "saved model is exactly the scored mix)")] = "compressed",
     calib: CalibOpt = "generated",
     samples: SamplesOpt = 128,
     calib_seq_len: CalibSeqLenOpt = 512,
@@ -155,7 +159,8 @@ def search(
     record: RecordOpt = True,
 ) -> None:
     """Search the best per-layer mix of compressions for a budget, then compress, save and
-    evaluate it; the mix is written as a recipe that 'tensorpress compress' reproduces bit for bit.
+    evaluate it; the mix is written as a recipe that 'tensorpress compress' reproduces bit for bit
+    (the saved model is that recipe's compression).
 
     Example: tensorpress search smollm2-135m --budget 3.0bpw --calib notes.txt -o out/s3
     """
@@ -203,7 +208,7 @@ def search(
         compressed = tp.compress(lm, recipe, windows_calib)
     else:
         result = run_search(lm, spec, windows_calib, levels, menu=menu, schedule=schedule, pool=pool, workers=workers,
-                            ray_address=ray_address, state_dir=output, resume=resume,
+                            ray_address=ray_address, state_dir=output, resume=resume, inputs=level_inputs,
                             name=f"{Path(model).stem}-search-{tag}", on_entry=entry_done, on_generation=generation_done)
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.yaml").write_text(result.recipe.to_yaml(), encoding="utf-8")

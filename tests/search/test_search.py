@@ -54,6 +54,7 @@ def levels(lm, calib, tmp_path_factory):
 
 def run(lm, calib, levels, tmp_path, **kw):
     kw.setdefault("schedule", SMALL)
+    kw.setdefault("inputs", "original")  # the shared database: levels that recipes reproduce exactly
     return search(lm, kw.pop("budget", "4.0bpw"), calib, levels, menu=kw.pop("menu", MENU), pool=4,
                   state_dir=tmp_path / "state", **kw)
 
@@ -82,7 +83,8 @@ def test_search_result_is_reproduced_bit_for_bit_by_its_recipe(lm, calib, levels
 
 def test_level_database_is_reused_and_resumed(lm, calib, levels, tmp_path):
     seen = []
-    build_levels(lm, parse_menu("gptq-w2g128,gptq-w4g128"), calib, levels, on_entry=lambda n, s, reused: seen.append((n, reused)))
+    build_levels(lm, parse_menu("gptq-w2g128,gptq-w4g128"), calib, levels, inputs="original",
+                 on_entry=lambda n, s, reused: seen.append((n, reused)))
     assert seen == [("gptq-w2g128", True), ("gptq-w4g128", True)]
     # an interrupted build keeps the entries it finished
     def stop(name, seconds, reused):
@@ -96,10 +98,38 @@ def test_level_database_is_reused_and_resumed(lm, calib, levels, tmp_path):
     assert seen == [("gptq-w2g128", True), ("rtn-w3g128", False)] and db.entries == ["gptq-w2g128", "rtn-w3g128"]
     other = peaked(seed=1)
     with pytest.raises(SearchError, match="another model"):
-        build_levels(other, parse_menu("gptq-w2g128,gptq-w4g128"), calib, levels)
+        build_levels(other, parse_menu("gptq-w2g128,gptq-w4g128"), calib, levels, inputs="original")
     fewer = TokenWindows(calib.input_ids[:6], calib.source, calib.seed)
     with pytest.raises(SearchError, match="other calibration windows"):
-        build_levels(lm, parse_menu("gptq-w2g128,gptq-w4g128"), fewer, levels)
+        build_levels(lm, parse_menu("gptq-w2g128,gptq-w4g128"), fewer, levels, inputs="original")
+    # levels of the other inputs are not mixed in (nor silently rebuilt)
+    with pytest.raises(SearchError, match="original inputs.*--level-inputs original"):
+        build_levels(lm, parse_menu("gptq-w2g128,gptq-w4g128"), calib, levels, inputs="compressed")
+    with pytest.raises(SearchError, match="expected one of compressed, original"):
+        build_levels(lm, parse_menu("gptq-w2g128,gptq-w4g128"), calib, tmp_path / "x", inputs="sequential")
+
+
+def test_levels_from_compressed_inputs_are_the_uniform_recipes(lm, calib, tmp_path):
+    """Default levels: each entry is the usual sequential compression; the searched mix is
+    compressed again from its recipe at exactly the searched size, and the database assembles
+    the scored mix itself."""
+    result = search(lm, "4.0bpw", calib, tmp_path / "db", menu=MENU, pool=4, schedule=SMALL, state_dir=tmp_path / "st")
+    assert result.levels_inputs == "compressed" and not result.exact and result.recipe.inputs == "compressed"
+    db = open_levels(tmp_path / "db")
+    assert db.inputs == "compressed"
+    weights = db.dense_weights(["gptq-w4g128"])
+    uniform = tp.compress(lm, "gptq-w4g128", calib)
+    for name in db.layers:
+        assert torch.equal(uniform.model.model.get_submodule(name).dense(), weights[name][0]), name
+    again = tp.compress(lm, tp.Recipe.from_dict(json.loads(json.dumps(result.recipe.to_dict()))), calib)
+    assert sum(r.weight_bits for r in again.layers.values()) == result.linear_bits
+    choice = [db.entries.index(result.choices[n]) for n in db.layers]
+    scored = db.assemble(lm, choice)
+    assert tp.evaluate(scored, data=calib).bits_per_weight_linears == pytest.approx(result.bits_per_weight)
+    with torch.inference_mode():
+        kls = [kl_to_reference(torch.log_softmax(lm.model(input_ids=row[None]).logits[0].float(), -1),
+                               scored.model(input_ids=row[None]).logits[0]) for row in calib.input_ids[:4]]
+    assert sum(kls) / 4 == pytest.approx(result.fitness, rel=1e-4)
 
 
 def test_evaluator_scores_the_original_model_at_zero_and_reuses_parent_states(lm, calib):

@@ -1,9 +1,20 @@
 """The level database: every menu entry's compression of every block linear, computed once.
 
-Each entry is one ``tp.compress`` of the whole model with ``inputs: original``, so a layer's
-parts depend only on the original model, the calibration windows and the entry's settings,
-never on what other layers chose; a searched mix is therefore exactly reproducible by a recipe
-of one stage per entry (``search.output.mix_recipe``). Layout of a database directory::
+Each entry is one ``tp.compress`` of the whole model with the entry's recipe applied uniformly.
+Where each block's calibration statistics come from is the database's ``inputs``:
+
+* ``compressed`` (default, as EvoPress builds its levels): the usual sequential compression, each
+  block calibrated on the outputs of the entry's compressed earlier blocks. The levels are the
+  best each entry does on its own; a searched mix is then compressed again from its recipe (each
+  block calibrated on the mix's earlier blocks), so the scored model is a close proxy of the
+  output, not the output itself.
+* ``original``: every block calibrated on the original model's activations, so a layer's parts
+  depend only on the original model, the calibration windows and the entry's settings, never on
+  what other layers chose; the scored mix is exactly what its recipe (one stage per entry,
+  ``inputs: original``) reproduces, at some quality cost (GPTQ w3g128 on smollm2-135m: KL 0.58
+  against 0.41 sequentially).
+
+Layout of a database directory::
 
     levels.json          index: model fingerprint, calibration hash, one record per entry
                          (its recipe, checkpoint folder, build seconds, per layer: shape, exact
@@ -16,6 +27,8 @@ entries it finished; an index made for another model or calibration set is refus
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -53,8 +66,14 @@ def windows_hash(windows: TokenWindows) -> str:
     return hashlib.sha256(f"{tuple(ids.shape)};".encode() + ids.numpy().tobytes()).hexdigest()
 
 
-def recipe_key(recipe: Recipe) -> str:
-    return hashlib.sha256(json.dumps(recipe.to_dict()["stages"], sort_keys=True).encode()).hexdigest()[:12]
+INPUTS = ("compressed", "original")
+
+
+def recipe_key(recipe: Recipe, inputs: str = "original") -> str:
+    """Identity of an entry's levels: its stages and where their statistics come from (databases
+    of version 1 built before ``inputs`` existed were all ``original`` and keep their keys)."""
+    text = json.dumps(recipe.to_dict()["stages"], sort_keys=True) + ("" if inputs == "original" else f";inputs={inputs}")
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -79,6 +98,12 @@ class LevelDB:
     layers: list[str]
     shapes: dict[str, tuple[int, int]]
     levels: dict[str, list[Level]]
+    inputs: str = "original"
+
+    @property
+    def exact(self) -> bool:
+        """Whether a mix of these levels is exactly what its recipe reproduces."""
+        return self.inputs == "original"
 
     @property
     def numel(self) -> int:
@@ -107,6 +132,21 @@ class LevelDB:
             del model
         return out
 
+    def assemble(self, lm: LoadedModel, choice: list[int] | tuple[int, ...]) -> LoadedModel:
+        """A copy of ``lm`` whose layer ``k`` is entry ``choice[k]``'s compressed module from the
+        database (the scored model itself, parts and exact sizes included)."""
+        model = copy.deepcopy(lm.model)
+        wanted: dict[str, list[str]] = {}
+        for name, c in zip(self.layers, choice):
+            wanted.setdefault(self.entries[c], []).append(name)
+        for entry, names in wanted.items():
+            source = load_checkpoint(self.checkpoint(entry)).model
+            for name in names:
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, leaf, source.get_submodule(name))
+            del source
+        return dataclasses.replace(lm, model=model, info={**lm.info, "levels": str(self.path)})
+
 
 def _check_index(index: Any, path: Path) -> dict[str, Any]:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
@@ -127,8 +167,8 @@ def _write_index(path: Path, index: dict[str, Any]) -> None:
     tmp.replace(path / INDEX)
 
 
-def _folder(name: str, recipe: Recipe) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[:60]}-{recipe_key(recipe)}"
+def _folder(name: str, recipe: Recipe, inputs: str) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[:60]}-{recipe_key(recipe, inputs)}"
 
 
 def build_levels(
@@ -137,12 +177,15 @@ def build_levels(
     calib: TokenWindows,
     path: str | os.PathLike,
     *,
+    inputs: str = "compressed",
     batch_size: int = 8,
     on_entry: Any = None,
 ) -> LevelDB:
     """Compress ``lm`` once per menu entry into the database at ``path`` (created, or resumed:
-    entries already built from the same recipe are kept) and open it. ``on_entry(name,
-    seconds, reused)`` is called after each entry."""
+    entries already built from the same recipe are kept, others rebuilt; a database of the
+    other ``inputs`` is refused) and open it. ``on_entry(name, seconds, reused)`` is called after each entry."""
+    if inputs not in INPUTS:
+        raise SearchError(f"level inputs {inputs!r}: expected one of {', '.join(INPUTS)}")
     path = Path(path)
     model_id, calib_id = fingerprint(lm), windows_hash(calib)
     if (path / INDEX).is_file():
@@ -153,6 +196,10 @@ def build_levels(
         if index.get("calibration_sha256") != calib_id:
             raise SearchError(f"{path} was built on other calibration windows ({index.get('calibration')!r}); "
                               f"this search uses {calib.describe()}: give a new database directory or the same --calib")
+        other = sorted({e.get("inputs", "original") for e in index["entries"].values() if isinstance(e, dict)} - {inputs})
+        if other:
+            raise SearchError(f"{path} holds levels calibrated on {other[0]} inputs, this search asks for {inputs} ones; "
+                              f"pass inputs {other[0]!r} (CLI: --level-inputs {other[0]}) or give a new database directory")
     elif path.exists() and any(path.iterdir()):
         raise SearchError(f"{path} exists and is not a level database; give an empty or new directory")
     else:
@@ -161,7 +208,7 @@ def build_levels(
                  "calibration": calib.describe(), "calibration_sha256": calib_id, "entries": {}}
         _write_index(path, index)
     for name, recipe in menu.items():
-        folder = _folder(name, recipe)
+        folder = _folder(name, recipe, inputs)
         done = index["entries"].get(name)
         if done is not None and done.get("checkpoint") == folder and (path / folder / "manifest.json").is_file():
             if on_entry:
@@ -171,11 +218,11 @@ def build_levels(
             shutil.rmtree(path / str(done.get("checkpoint", "")), ignore_errors=True)
         log.info("level database: compressing with %s", name)
         start = time.perf_counter()
-        result = compress(lm, recipe.model_copy(update={"inputs": "original"}), calib, batch_size=batch_size)
+        result = compress(lm, recipe.model_copy(update={"inputs": inputs}), calib, batch_size=batch_size)
         result.save(path / folder, overwrite=True)
         seconds = time.perf_counter() - start
         index["entries"][name] = {
-            "recipe": recipe.to_dict(), "checkpoint": folder, "seconds": seconds,
+            "recipe": recipe.to_dict(), "inputs": inputs, "checkpoint": folder, "seconds": seconds,
             "layers": {n: {"shape": list(r.shape), "bits": r.weight_bits, "output_error": r.output_error,
                            "weight_error": r.weight_error} for n, r in result.layers.items()},
         }
@@ -209,7 +256,11 @@ def open_levels(path: str | os.PathLike, entries: list[str] | None = None, lm: L
             diff = sorted(set(layers) ^ set(other))[:5]
             raise SearchError(f"menu entries {entries[0]!r} and {entry!r} compress different layers (e.g. {diff}); "
                               "every entry must cover the same block linears")
+    modes = {e: index["entries"][e].get("inputs", "original") for e in entries}
+    if len(set(modes.values())) > 1 or not set(modes.values()) <= set(INPUTS):
+        raise SearchError(f"{path}: the entries' levels come from different or unknown inputs ({modes}); "
+                          f"a mix needs one of {', '.join(INPUTS)} for all")
     shapes = {n: tuple(first[n]["shape"]) for n in layers}
     levels = {n: [Level(e, int(index["entries"][e]["layers"][n]["bits"]), index["entries"][e]["layers"][n]["output_error"],
                         index["entries"][e]["layers"][n]["weight_error"]) for e in entries] for n in layers}
-    return LevelDB(path, index, entries, layers, shapes, levels)
+    return LevelDB(path, index, entries, layers, shapes, levels, modes[entries[0]])

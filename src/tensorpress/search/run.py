@@ -4,7 +4,8 @@ Steps: the level database (built once, reused), the feasible range of the budget
 (every uniform entry that fits, and the greedy allocation over Fisher-weighted layer errors,
 ``Σ F ⊙ (W − Ŵ)²`` with ``F`` the diagonal empirical Fisher of the LM loss, as AutoQuantize
 prices a layer's choice), the evolutionary search (``evolve``), and the result: the chosen entry
-per layer, the recipe that ``tp.compress`` turns into exactly the searched model, and the log.
+per layer, the recipe that ``tp.compress`` turns into the searched model (exactly the scored
+one when the levels were made from the original model's inputs, ``levels.py``), and the log.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
     executor: str = ""
     evaluations: int = 0
+    levels_inputs: str = "compressed"
+
+    @property
+    def exact(self) -> bool:
+        """Whether ``recipe`` compresses into exactly the model the search scored (levels from
+        the original inputs), or into its sequential re-compression (levels from compressed ones)."""
+        return self.levels_inputs == "original"
 
     @property
     def bits_per_weight(self) -> float:
@@ -72,12 +80,13 @@ class SearchResult:
                 "model_bytes": (self.linear_bits + self.rest_bits) / 8, "fitness_kl": self.fitness,
                 "seeds_kl": self.seeds, "seed": self.seed_name, "entries_used": counts, "choices": self.choices,
                 "generations": self.log, "timings": self.timings, "executor": self.executor,
-                "evaluations": self.evaluations, "recipe": self.recipe.to_dict()}
+                "evaluations": self.evaluations, "levels_inputs": self.levels_inputs, "exact": self.exact,
+                "recipe": self.recipe.to_dict()}
 
 
 def mix_recipe(db: LevelDB, choice: Choice, menu: dict[str, Recipe], name: str, description: str = "") -> Recipe:
     """One stage per stage of every chosen entry, each targeting exactly the layers that chose
-    it, all from the original model's statistics (``inputs: original``, as the levels were made)."""
+    it, with the statistics from the inputs the levels were made with (``db.inputs``)."""
     by_entry: dict[str, list[str]] = {}
     for layer, level in zip(db.layers, choice):
         by_entry.setdefault(db.entries[level], []).append(layer)
@@ -85,7 +94,7 @@ def mix_recipe(db: LevelDB, choice: Choice, menu: dict[str, Recipe], name: str, 
     for entry in db.entries:
         if entry in by_entry:
             stages += [stage.model_copy(update={"targets": list(by_entry[entry])}) for stage in menu[entry].stages]
-    return Recipe(name=name, description=description, stages=stages, inputs="original")
+    return Recipe(name=name, description=description, stages=stages, inputs=db.inputs)
 
 
 def fisher_errors(lm: LoadedModel, db: LevelDB, weights: dict[str, list[torch.Tensor]], windows: torch.Tensor) -> dict[str, dict[int, float]]:
@@ -130,6 +139,7 @@ def search(
     schedule: Schedule | None = None,
     pool: int = 8,
     fisher_samples: int = 16,
+    inputs: str = "compressed",
     workers: int | None = 0,
     ray_address: str | None = None,
     state_dir: str | os.PathLike | None = None,
@@ -140,7 +150,8 @@ def search(
 ) -> SearchResult:
     """Search the per-layer mix of ``menu`` entries with the lowest KL to ``lm`` on ``pool``
     calibration windows within ``budget``; the levels are built in (or reused from)
-    ``levels_dir``, the search state kept in ``state_dir`` (``resume`` continues it)."""
+    ``levels_dir`` from ``inputs`` (see ``levels.py``), the search state kept in ``state_dir``
+    (``resume`` continues it)."""
     timings: dict[str, float] = {}
     schedule = schedule or Schedule()
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
@@ -148,7 +159,7 @@ def search(
         raise CalibrationError(f"the search scores candidates on {pool} calibration windows; pass at least that many")
     entries = parse_menu(menu)
     t0 = time.perf_counter()
-    db = build_levels(lm, entries, calib, levels_dir, on_entry=on_entry)
+    db = build_levels(lm, entries, calib, levels_dir, inputs=inputs, on_entry=on_entry)
     timings["levels_seconds"] = time.perf_counter() - t0
     rest_bits, rest_numel = rest_of_model(lm.model, db.layers)
     model_numel = db.numel + rest_numel
@@ -176,7 +187,7 @@ def search(
     del pieces
     timings["prepare_seconds"] = time.perf_counter() - t0
     identity = {"levels": str(Path(levels_dir).resolve()), "entries": db.entries, "fingerprint": db.index["fingerprint"],
-                "calibration_sha256": db.index["calibration_sha256"], "pool": pool}
+                "calibration_sha256": db.index["calibration_sha256"], "pool": pool, "inputs": db.inputs}
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     if state_path is not None:
         state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,4 +203,4 @@ def search(
                         f"searched mix of {', '.join(db.entries)} for {budget.text} ({spelled}); pool KL {outcome.fitness:.4f}")
     return SearchResult(dict(zip(db.layers, (db.entries[c] for c in outcome.choice))), recipe, outcome.fitness,
                         outcome.seeds, outcome.seed_name, budget.text, budget_bits, bits, db.numel, rest_bits,
-                        model_numel, outcome.log, timings, executor.kind, outcome.evaluations)
+                        model_numel, outcome.log, timings, executor.kind, outcome.evaluations, db.inputs)

@@ -7,7 +7,10 @@ the original model's inputs), then compares, on P1's evaluation windows (never t
 * at the exact size of uniform GPTQ w3g128: that uniform recipe, the Fisher-greedy
   ``target_bits`` allocation of GPTQ widths, the search over GPTQ bits alone and the search
   across all menu methods;
-* at 2.5 bits/weight: the best uniform recipes at or below it and the search across methods.
+* at 2.5 bits/weight: the best uniform recipes at or below it and the search across methods;
+* blocks removed: the angular-distance choice against the depth search;
+* (``--rows ...,sparsity``) per-layer SparseGPT sparsity at an average of 60 %: uniform, OWL and
+  the search over 40 ... 80 % levels.
 
 Each searched mix is evaluated twice: as scored (the database's layers assembled) and compressed
 again from its recipe (``tp.compress``: what ``tensorpress search`` saves; with levels from the
@@ -34,8 +37,10 @@ import tensorpress as tp
 from tensorpress.search import (
     DEFAULT_MENU,
     GPTQ_MENU,
+    SPARSITY_MENU,
     Schedule,
     build_levels,
+    open_levels,
     parse_menu,
     search,
     search_depth,
@@ -62,8 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stages", default="1:4,3:2", help="WINDOWS:SURVIVORS of the selection stages before the last")
     p.add_argument("--workers", type=int, default=0, help="Ray workers (0: in-process)")
     p.add_argument("--rows", default="w3,gptq,across,2.5,depth", help="which comparisons: w3 (uniform and target_bits), "
-                   "gptq (GPTQ-only search), across (all-method search at the w3 size), 2.5, depth (blocks removed)")
+                   "gptq (GPTQ-only search), across (all-method search at the w3 size), 2.5, depth (blocks removed), "
+                   "sparsity (per-layer SparseGPT sparsity against uniform and OWL)")
     p.add_argument("--depth-blocks", default="4", help="comma list: blocks removed in the depth comparison")
+    p.add_argument("--sparsity", type=int, choices=(50, 60, 70), default=60,
+                   help="average sparsity (%%) of the sparsity comparison: uniform SparseGPT, OWL, searched")
     p.add_argument("--out", type=Path, default=HERE / "results" / "search-smollm2-135m.json")
     return p.parse_args(argv)
 
@@ -107,16 +115,17 @@ def main(argv: list[str] | None = None) -> int:
                  "seed_pool_kl": result.seeds[result.seed_name], "entries_used": used, "generations": len(result.log),
                  "evaluations": result.evaluations}
         searches[name] = result.to_dict()
-        if not db.exact:
-            evaluate(f"{name} (as scored: database layers)", db.assemble(lm, [db.entries.index(result.choices[n])
-                                                                                for n in db.layers]), found)
+        mdb = open_levels(args.levels, list(menu), lm)
+        if not mdb.exact:
+            evaluate(f"{name} (as scored: database layers)", mdb.assemble(lm, [mdb.entries.index(result.choices[n])
+                                                                                  for n in mdb.layers]), found)
         t = time.perf_counter()
         compressed = tp.compress(lm, result.recipe, calib)
         seconds = time.perf_counter() - t
         if sum(r.weight_bits for r in compressed.layers.values()) != result.linear_bits:
             raise SystemExit(f"{name}: the recipe's compression has another size than the searched mix")
         searches[name]["recompress_seconds"] = seconds
-        if dense is not None:
+        if dense is not None and set(menu) <= set(db.entries):
             same = sum(torch.equal(compressed.model.model.get_submodule(layer).dense(), dense[layer][db.entries.index(entry)])
                        for layer, entry in result.choices.items())
             console.print(f"{name}: recipe reproduces {same} of {len(result.choices)} layers bit for bit")
@@ -147,6 +156,20 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         evaluate("gptq-w2g64 (uniform)", tp.compress(lm, "gptq-w2g64", calib), {"compress_seconds": time.perf_counter() - t})
         run_search("search 2.5 bpw: across methods", "2.5bpw", DEFAULT_MENU)
+
+    if "sparsity" in rows_wanted:
+        sparsity = int(args.sparsity)
+        sdb = build_levels(lm, parse_menu(SPARSITY_MENU), calib, args.levels, inputs=args.level_inputs,
+                           on_entry=lambda n, s, r: console.print(f"levels: {n} {'reused' if r else 'built'} ({s:.0f} s)"))
+        build.update({e: sdb.index["entries"][e]["seconds"] for e in sdb.entries})
+        uniform = f"sparsegpt-{sparsity}"
+        evaluate(f"{uniform} (uniform, inputs {sdb.inputs})", tp.load_compressed(sdb.checkpoint(uniform)), {})
+        t = time.perf_counter()
+        owl = {"name": f"sparsegpt-{sparsity}-owl", "stages": [{"method": "sparsegpt", "sparsity": sparsity / 100,
+                                                               "allocation": "owl"}]}
+        evaluate(f"sparsegpt-{sparsity} OWL (lambda 0.08, M 5)", tp.compress(lm, owl, calib),
+                 {"compress_seconds": time.perf_counter() - t})
+        run_search(f"search: sparsity {sparsity} % average", repr(sdb.bits(sdb.uniform(uniform)) / sdb.numel), SPARSITY_MENU)
 
     if "depth" in rows_wanted:
         for blocks in (int(b) for b in args.depth_blocks.split(",")):

@@ -122,6 +122,9 @@ def search(
     budget: Annotated[str | None, typer.Option("--budget", help="bits per weight of the block linears (3.0bpw) or of "
                                                "the whole model (9.2bpw-model)")] = None,
     size: Annotated[str | None, typer.Option("--size", help="bytes of the model's tensors as stored (60MB, 57MiB)")] = None,
+    gguf_size: Annotated[str | None, typer.Option("--gguf-size", help="bytes of the GGUF file (80MB): the menu "
+                                                  "entries on llama.cpp grids, the file written as OUT/model.gguf "
+                                                  "and its size checked")] = None,
     depth: Annotated[int | None, typer.Option("--depth", min=1, help="instead of a budget: the number of decoder "
                                               "blocks to remove, chosen by the same search")] = None,
     menu: Annotated[str | None, typer.Option("--menu", help="comma list of menu entries (names of tensorpress.search."
@@ -167,9 +170,10 @@ def search(
     from tensorpress.search import Schedule
     from tensorpress.search import search as run_search
 
-    if sum(x is not None for x in (budget, size, depth)) != 1:
-        raise tp.errors.SearchError("give exactly one of --budget (bits per weight), --size (bytes) and --depth (blocks)")
-    spec = budget or size or f"depth{depth}"
+    if sum(x is not None for x in (budget, size, gguf_size, depth)) != 1:
+        raise tp.errors.SearchError("give exactly one of --budget (bits per weight), --size (bytes), --gguf-size "
+                                    "(bytes of the GGUF file) and --depth (blocks)")
+    spec = budget or size or (f"gguf{gguf_size}" if gguf_size else f"depth{depth}")
     schedule = Schedule(generations=generations, offspring=offspring, stages=_parse_stages(stages), seed=seed)
     tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
     output = output or Path("out") / f"{Path(model).stem}-search-{tag}"
@@ -207,7 +211,9 @@ def search(
                  "seeds_kl": outcome.seeds, "seed": outcome.seed_name, "generations": outcome.log, "timings": timings}
         compressed = tp.compress(lm, recipe, windows_calib)
     else:
-        result = run_search(lm, spec, windows_calib, levels, menu=menu, schedule=schedule, pool=pool, workers=workers,
+        from tensorpress.search import parse_budget
+
+        result = run_search(lm, parse_budget(gguf_size, gguf=True) if gguf_size else spec, windows_calib, levels, menu=menu, schedule=schedule, pool=pool, workers=workers,
                             ray_address=ray_address, state_dir=output, resume=resume, inputs=level_inputs,
                             name=f"{Path(model).stem}-search-{tag}", on_entry=entry_done, on_generation=generation_done)
         output.mkdir(parents=True, exist_ok=True)
@@ -223,6 +229,16 @@ def search(
     payload = _save_and_evaluate(lm, compressed, checkpoint, overwrite, data if evaluate else None, windows, seq_len,
                                  f"{model} · search {spec} → {checkpoint}")
     payload["search"] = found
+    if gguf_size:
+        from tensorpress.io.gguf import export_gguf
+
+        path = export_gguf(tp.load_compressed(checkpoint), output / "model.gguf", overwrite=overwrite or resume)
+        written = path.stat().st_size
+        found["gguf_file"], found["gguf_file_bytes"] = str(path), written
+        if written != found["gguf_bytes"]:
+            raise tp.errors.SearchError(f"wrote {path}: {written} bytes, the search counted {found['gguf_bytes']}; "
+                                        "the GGUF size model of tensorpress.io.gguf is off, please report it")
+        err.print(f"wrote {path}: {written / 1e6:.3f} MB, as counted by the search (budget {gguf_size})")
     _write_json(output / "search.json", found)
     _write_json(json_path, payload)
     if record:

@@ -300,3 +300,68 @@ def test_depth_search_removes_the_blocks_that_cost_least(calib):
         kls = [kl_to_reference(torch.log_softmax(lm5.model(input_ids=row[None]).logits[0].float(), -1),
                                smaller.model.model(input_ids=row[None]).logits[0]) for row in calib.input_ids[:4]]
     assert sum(kls) / 4 == pytest.approx(outcome.fitness, rel=1e-4)
+
+
+def test_gguf_size_search_writes_a_file_of_the_counted_size(lm, calib, tmp_path):
+    from tensorpress.io.gguf import export_gguf
+
+    menu = "gguf-q4_0,gguf-q8_0"
+    db = build_levels(lm, parse_menu(menu), calib, tmp_path / "db")
+    sizes, rest = db.gguf_bytes()
+    low, high = rest + sum(min(s) for s in sizes.values()), rest + sum(max(s) for s in sizes.values())
+    budget = parse_budget(f"{(low + high) // 2}B", gguf=True)
+    result = search(lm, budget, calib, tmp_path / "db", menu=menu, pool=4, schedule=SMALL, state_dir=tmp_path / "st")
+    assert low < result.gguf_bytes <= (low + high) // 2 and len(set(result.choices.values())) == 2
+    compressed = tp.compress(lm, result.recipe, calib)
+    path = export_gguf(compressed.model, tmp_path / "mix.gguf")
+    assert path.stat().st_size == result.gguf_bytes
+    with pytest.raises(SearchError, match=r"below the smallest menu choice .* MB of GGUF file"):
+        search(lm, parse_budget(f"{low - 1}B", gguf=True), calib, tmp_path / "db", menu=menu, pool=4, schedule=SMALL)
+    with pytest.raises(SearchError, match="no llama.cpp type of its own"):
+        search(lm, parse_budget(f"{high}B", gguf=True), calib, tmp_path / "db", menu="gguf-q4_0,gptq-w4g128", pool=4,
+               schedule=SMALL)
+    with pytest.raises(SearchError, match="GGUF size '3.0bpw' is not understood"):
+        parse_budget("3.0bpw", gguf=True)
+
+
+def test_cli_gguf_size_search_writes_the_gguf(tmp_path, text_path):
+    from typer.testing import CliRunner
+
+    from conftest import save_hf_dir
+    from tensorpress.cli import app
+
+    model_dir = save_hf_dir(peaked(), tmp_path / "tiny")
+    lm = tp.load_model(str(model_dir))
+    calib = tp.data.calibration(lm, source=str(text_path), samples=8, seq_len=32, seed=0)
+    sizes, rest = build_levels(lm, parse_menu("gguf-q4_0,gguf-q8_0"), calib, tmp_path / "lv").gguf_bytes()
+    budget = rest + sum(min(s) + max(s) for s in sizes.values()) // 2
+    args = ["search", str(model_dir), "--gguf-size", f"{budget}B", "--menu", "gguf-q4_0,gguf-q8_0", "--calib", str(text_path),
+            "--samples", "8", "--calib-seq-len", "32", "--pool", "4", "--generations", "1", "--offspring", "2",
+            "--stages", "1:1", "--workers", "0", "-o", str(tmp_path / "s"), "--levels", str(tmp_path / "lv"),
+            "--no-eval", "--no-record"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    found = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert found["gguf_file_bytes"] == found["gguf_bytes"] <= budget
+    assert (tmp_path / "s" / "model.gguf").stat().st_size == found["gguf_bytes"]
+
+
+def test_coded_entries_count_their_coded_bits(lm, calib, levels, tmp_path):
+    menu = "gptq-w2g128,gptq-w4g128,gptq-w3g128-coded"
+    with pytest.raises(SearchError, match="entropy-coded.*--level-inputs original"):
+        search(lm, "3.5bpw", calib, tmp_path / "db", menu=menu, pool=4, schedule=SMALL)
+    result = run(lm, calib, levels, tmp_path, budget="3.5bpw", menu=menu)
+    db = open_levels(levels, menu.split(","))
+    coded, plain = db.levels[db.layers[0]][2].bits, tp.compress(lm, "gptq-w3g128", calib).layers[db.layers[0]].weight_bits
+    assert coded < plain  # the entry is priced at its coded size
+    again = tp.compress(lm, result.recipe, calib)
+    assert sum(r.weight_bits for r in again.layers.values()) == result.linear_bits <= result.budget_bits
+
+
+def test_named_menus_hold_what_they_say():
+    from tensorpress.search import GGUF_MENU, SPARSITY_MENU
+
+    sparsity = parse_menu(SPARSITY_MENU)
+    assert [r.stages[0].sparsity for r in sparsity.values()] == [0.4, 0.5, 0.6, 0.7, 0.8]
+    gguf = parse_menu(GGUF_MENU)
+    assert [r.stages[0].format for r in gguf.values()] == ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"]

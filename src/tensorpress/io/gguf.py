@@ -52,6 +52,7 @@ from tensorpress.io.gguf_layers import (
     F16,
     F32,
     Choice,
+    choose,
     dense_array,
     encoded,
     plan_layers,
@@ -436,3 +437,27 @@ def _write_atomic(writer: gguf.GGUFWriter, path: Path) -> None:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+
+
+def aligned_bytes(nbytes: int, alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT) -> int:
+    """Bytes a tensor of ``nbytes`` takes in a GGUF file: the writer pads each tensor's data to
+    the file's alignment."""
+    return -(-nbytes // alignment) * alignment
+
+
+def native_tensor_bytes(layer: CompressedLinear) -> int | None:
+    """Bytes of the ggml tensor an export writes for ``layer`` in its own type, without
+    re-quantizing (None: the layer has no exact type of its own and export would refuse it)."""
+    choice = choose(layer)
+    if choice.qtype is None or not (choice.exact and choice.native):
+        return None
+    block, type_size = gguf.GGML_QUANT_SIZES[choice.qtype]
+    return layer.out_features * (layer.in_features // block) * type_size
+
+
+def gguf_file_bytes(lm: LoadedModel, dtype: str = "f16") -> int:
+    """Size of the GGUF file ``export_gguf(lm, dtype=dtype)`` writes, measured by writing it to
+    a temporary file (removed)."""
+    with tempfile.TemporaryDirectory(prefix="tensorpress-gguf-size-") as tmp:
+        path = export_gguf(lm, Path(tmp) / "model.gguf", dtype=dtype)
+        return path.stat().st_size

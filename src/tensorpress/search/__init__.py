@@ -12,8 +12,15 @@ from tensorpress.search.depth import search_depth
 from tensorpress.search.evolve import Schedule
 from tensorpress.search.greedy import greedy_choice
 from tensorpress.search.levels import LevelDB, build_levels, open_levels
-from tensorpress.search.menu import DEFAULT_MENU, GPTQ_MENU, MENU_RECIPES, parse_menu
+from tensorpress.search.menu import (
+    DEFAULT_MENU,
+    GGUF_MENU,
+    GPTQ_MENU,
+    MENU_RECIPES,
+    SPARSITY_MENU,
+    parse_menu,
+)
 from tensorpress.search.run import SearchResult, mix_recipe, search
 
-__all__ = ["DEFAULT_MENU", "GPTQ_MENU", "MENU_RECIPES", "Budget", "LevelDB", "Schedule", "SearchResult", "build_levels",
+__all__ = ["DEFAULT_MENU", "GGUF_MENU", "GPTQ_MENU", "MENU_RECIPES", "SPARSITY_MENU", "Budget", "LevelDB", "Schedule", "SearchResult", "build_levels",
            "greedy_choice", "mix_recipe", "open_levels", "parse_budget", "parse_menu", "search", "search_depth"]

@@ -4,7 +4,10 @@
 index and mask counted); ``9.2bpw-model``: bits per parameter of the whole model (embeddings,
 norms and head at their stored width included, a tied table once); ``60MB`` / ``57.2MiB`` /
 ``60000000B``: bytes of the model's tensors as stored (the parts' exact bytes plus every other
-tensor's), which is the checkpoint's payload before its small headers and manifest.
+tensor's), which is the checkpoint's payload before its small headers and manifest; a GGUF size
+(``parse_budget("80MB", gguf=True)``, CLI ``--gguf-size``): bytes of the whole ``.gguf`` file
+``tensorpress export --format gguf`` writes (header, vocabulary, every tensor in its ggml type
+with the writer's alignment padding).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(bpw-model|bpw|
 @dataclass(frozen=True)
 class Budget:
     value: float
-    unit: str  # "bpw", "bpw-model" or "bytes"
+    unit: str  # "bpw", "bpw-model", "bytes" or "gguf" (bytes of the GGUF file)
     text: str
 
     def linear_bits(self, linear_numel: int, rest_bits: int, model_numel: int) -> float:
@@ -44,11 +47,21 @@ class Budget:
             return f"{linear_bits / linear_numel:.4f} bits/weight"
         if self.unit == "bpw-model":
             return f"{(linear_bits + rest_bits) / model_numel:.4f} bits/parameter of the model"
+        if self.unit == "gguf":
+            return f"{(linear_bits + rest_bits) / 8 / 1e6:.3f} MB of GGUF file"
         return f"{(linear_bits + rest_bits) / 8 / 1e6:.3f} MB"
 
 
-def parse_budget(text: str | float) -> Budget:
-    """``Budget`` from ``3.0bpw``, ``3.0`` (bits/weight), ``9.2bpw-model``, ``60MB``, ``57MiB``, ``6e7B``."""
+def parse_budget(text: str | float, gguf: bool = False) -> Budget:
+    """``Budget`` from ``3.0bpw``, ``3.0`` (bits/weight), ``9.2bpw-model``, ``60MB``, ``57MiB``, ``6e7B``;
+    with ``gguf`` a size only (``80MB``), of the GGUF file."""
+    if gguf:
+        match = _PATTERN.match(str(text))
+        if not match or (match.group(2) or "").lower() not in _UNITS:
+            raise SearchError(f"GGUF size {text!r} is not understood; give the file's size with its unit "
+                              "(80MB, 76MiB, 80000000B)")
+        budget = parse_budget(text)
+        return Budget(budget.value, "gguf", str(text))
     if isinstance(text, (int, float)):
         text = f"{text}bpw"
     match = _PATTERN.match(str(text))

@@ -3,16 +3,16 @@
 Each entry is one ``tp.compress`` of the whole model with the entry's recipe applied uniformly.
 Where each block's calibration statistics come from is the database's ``inputs``:
 
-* ``compressed`` (default, as EvoPress builds its levels): the usual sequential compression, each
-  block calibrated on the outputs of the entry's compressed earlier blocks. The levels are the
-  best each entry does on its own; a searched mix is then compressed again from its recipe (each
-  block calibrated on the mix's earlier blocks), so the scored model is a close proxy of the
-  output, not the output itself.
+* ``compressed`` (default; EvoPress makes its quantization levels so, one ordinary GPTQ run per
+  width): the usual sequential compression, each block calibrated on the outputs of the entry's
+  compressed earlier blocks. The levels are the best each entry does on its own; a searched mix
+  is then compressed again from its recipe (each block calibrated on the mix's earlier blocks),
+  so the scored model is a close proxy of the output, not the output itself.
 * ``original``: every block calibrated on the original model's activations, so a layer's parts
   depend only on the original model, the calibration windows and the entry's settings, never on
   what other layers chose; the scored mix is exactly what its recipe (one stage per entry,
   ``inputs: original``) reproduces, at some quality cost (GPTQ w3g128 on smollm2-135m: KL 0.58
-  against 0.41 sequentially).
+  against 0.40 sequentially).
 
 Layout of a database directory::
 
@@ -47,10 +47,12 @@ from tensorpress.errors import CheckpointError, SearchError
 from tensorpress.eval.tasks import fingerprint
 from tensorpress.io import load_checkpoint
 from tensorpress.io.files import read_json
+from tensorpress.io.gguf import aligned_bytes, gguf_file_bytes, native_tensor_bytes
 from tensorpress.models import LoadedModel
 from tensorpress.parts import CompressedLinear
 from tensorpress.recipe import Recipe
 from tensorpress.search.allocate import compress
+from tensorpress.search.menu import GGUF_MENU
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,28 @@ class LevelDB:
                 out[name].append(module.dense().float().contiguous())
             del model
         return out
+
+    def gguf_bytes(self) -> tuple[dict[str, list[int]], int]:
+        """``({layer: [GGUF bytes of each entry's tensor, alignment padding included]}, rest)``:
+        a mix's GGUF file is ``rest`` plus its layers' bytes, ``rest`` (header, vocabulary,
+        every other tensor) measured by exporting the first entry. An entry whose layer has no
+        exact ggml type (which export would refuse) is an error naming both."""
+        out: dict[str, list[int]] = {name: [] for name in self.layers}
+        rest = 0
+        for k, entry in enumerate(self.entries):
+            loaded = load_checkpoint(self.checkpoint(entry))
+            for name in self.layers:
+                module = loaded.model.get_submodule(name)
+                nbytes = native_tensor_bytes(module) if isinstance(module, CompressedLinear) else None
+                if nbytes is None:
+                    raise SearchError(f"menu entry {entry!r}: layer {name} has no llama.cpp type of its own, so a GGUF "
+                                      "size cannot hold it; a GGUF search takes entries on llama.cpp grids "
+                                      f"(tensorpress.search.GGUF_MENU: {', '.join(GGUF_MENU)})")
+                out[name].append(aligned_bytes(nbytes))
+            if k == 0:
+                rest = gguf_file_bytes(loaded) - sum(sizes[0] for sizes in out.values())
+            del loaded
+        return out, rest
 
     def assemble(self, lm: LoadedModel, choice: list[int] | tuple[int, ...]) -> LoadedModel:
         """A copy of ``lm`` whose layer ``k`` is entry ``choice[k]``'s compressed module from the

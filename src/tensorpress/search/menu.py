@@ -7,6 +7,12 @@ search picks, per layer, the entry whose parts that layer keeps. Default entries
 with the kept weights at 4 bits, and GPTQ 3-bit plus an EoRA rank-16 correction; SVD-LLM entries
 (``svd-llm-r25`` ... : the fraction of each layer's parameters kept) are known but not in the
 default, their float16 factors cost more bits than any budget below 8 bits/weight allows.
+``GGUF_MENU`` (``gguf-q2_k`` ... ``gguf-q8_0``: GPTQ on llama.cpp's grids, block linears only;
+the built-in recipes ``gptq-q4_k_m`` etc. also type the token table) is the default of a
+GGUF-size search.
+``SPARSITY_MENU`` (SparseGPT at 40 ... 80 % unstructured, kept weights float16) is the
+per-layer sparsity search of EvoPress: with the mask counted as one bit per weight, a budget in
+bits is a budget of average sparsity.
 """
 
 from __future__ import annotations
@@ -35,12 +41,20 @@ MENU_RECIPES: dict[str, dict[str, Any]] = {
                                          "group_size": 128}]},
     "gptq-w3g128-eora-r16": {"description": "GPTQ 3-bit groups of 128, then EoRA rank 16 (int8 factors)",
                              "stages": [{**_GPTQ, "bits": 3}, {"method": "eora", "rank": 16, "factor_bits": 8}]},
+    **{f"gguf-{t}": {"description": f"GPTQ on llama.cpp's {t.upper()} grid (rows off its blocks in llama.cpp's "
+                                    "fallback type); exports to GGUF bit for bit",
+                     "stages": [{"method": "gptq", "format": t, "mse": True, "act_order": True, "damp": 0.01}]}
+       for t in ("q2_k", "q3_k", "q4_0", "q4_k", "q5_k", "q6_k", "q8_0")},
+    **{f"sparsegpt-{s}": {"description": f"SparseGPT {s} % unstructured, kept weights float16, mask bits counted",
+                          "stages": [{"method": "sparsegpt", "sparsity": s / 100}]} for s in range(30, 90, 10)},
     **{f"svd-llm-r{int(r * 100)}": {"description": f"SVD-LLM keeping {int(r * 100)} % of each layer's parameters",
                                    "stages": [{"method": "svd_llm", "keep": r}]} for r in (0.25, 0.5, 0.75)},
 }
 DEFAULT_MENU = ("gptq-w2g128", "gptq-w3g128", "gptq-w4g128", "gptq-w5g128", "gptq-w6g128", "gptq-w8g128",
                 "sparsegpt-50-w4g128", "sparsegpt-2-4-w4g128", "gptq-w3g128-eora-r16")
 GPTQ_MENU = DEFAULT_MENU[:6]  # the bits-only search
+GGUF_MENU = ("gguf-q2_k", "gguf-q3_k", "gguf-q4_k", "gguf-q5_k", "gguf-q6_k", "gguf-q8_0")  # --gguf-size
+SPARSITY_MENU = tuple(f"sparsegpt-{s}" for s in range(40, 90, 10))
 
 
 def menu_entry(name: str) -> Recipe:

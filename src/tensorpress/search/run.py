@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from tensorpress.data import TokenWindows
 from tensorpress.engine.linears import weight_of
 from tensorpress.errors import CalibrationError, SearchError
+from tensorpress.io.gguf import aligned_bytes
 from tensorpress.methods.quant.mixed import fisher_diagonals
 from tensorpress.models import LoadedModel
 from tensorpress.recipe import Recipe
@@ -32,7 +33,7 @@ from tensorpress.search.executor import make_executor
 from tensorpress.search.fitness import Choice, prepare
 from tensorpress.search.greedy import greedy_choice
 from tensorpress.search.levels import LevelDB, build_levels
-from tensorpress.search.menu import parse_menu
+from tensorpress.search.menu import GGUF_MENU, parse_menu
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class SearchResult:
     executor: str = ""
     evaluations: int = 0
     levels_inputs: str = "compressed"
+    gguf_bytes: int | None = None  # a GGUF-size search: the predicted size of the exported file
 
     @property
     def exact(self) -> bool:
@@ -81,6 +83,7 @@ class SearchResult:
                 "seeds_kl": self.seeds, "seed": self.seed_name, "entries_used": counts, "choices": self.choices,
                 "generations": self.log, "timings": self.timings, "executor": self.executor,
                 "evaluations": self.evaluations, "levels_inputs": self.levels_inputs, "exact": self.exact,
+                "gguf_bytes": self.gguf_bytes,
                 "recipe": self.recipe.to_dict()}
 
 
@@ -112,20 +115,16 @@ def fisher_errors(lm: LoadedModel, db: LevelDB, weights: dict[str, list[torch.Te
     return out
 
 
-def _feasible(db: LevelDB, budget: Budget, budget_bits: float, lm: LoadedModel, rest_bits: int, model_numel: int) -> float:
-    low = sum(min(lv.bits for lv in db.levels[n]) for n in db.layers)
-    high = sum(max(lv.bits for lv in db.levels[n]) for n in db.layers)
-    dense = sum(lm.model.get_submodule(n).weight.element_size() * 8 * o * i for n, (o, i) in db.shapes.items())
-
-    def spell(bits: float) -> str:
-        return budget.describe(bits, db.numel, rest_bits, model_numel)
-
+def _feasible(costs: list[list[int]], dense: int, budget: Budget, budget_bits: float, describe) -> float:
+    """The budget for the linears, after checking it lies between every layer at its cheapest
+    entry and the uncompressed size (``dense``); ``describe(bits)`` spells a size."""
+    low, high = sum(min(c) for c in costs), sum(max(c) for c in costs)
+    feasible = f"feasible: {describe(low)} to {describe(min(high, dense))}"
     if budget_bits < low:
-        raise SearchError(f"budget {budget.text} is below the smallest menu choice ({spell(low)}, every layer at its "
-                          f"cheapest entry); feasible: {spell(low)} to {spell(min(high, dense))}")
+        raise SearchError(f"budget {budget.text} is below the smallest menu choice ({describe(low)}, every layer at its "
+                          f"cheapest entry); {feasible}")
     if budget_bits > dense:
-        raise SearchError(f"budget {budget.text} is above the uncompressed size ({spell(dense)}); "
-                          f"feasible: {spell(low)} to {spell(min(high, dense))}")
+        raise SearchError(f"budget {budget.text} is above the uncompressed size ({describe(dense)}); {feasible}")
     return min(budget_bits, high)
 
 
@@ -157,20 +156,41 @@ def search(
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
     if calib is None or len(calib.input_ids) < max(pool, 1):
         raise CalibrationError(f"the search scores candidates on {pool} calibration windows; pass at least that many")
-    entries = parse_menu(menu)
+    entries = parse_menu(GGUF_MENU if menu is None and budget.unit == "gguf" else menu)
+    coded = [name for name, recipe in entries.items() if any(stage.method == "lossless" for stage in recipe.stages)]
+    if coded and inputs != "original":
+        # a coded size depends on the codes, which a sequential re-compression of the mix changes
+        raise SearchError(f"menu entries {coded} are entropy-coded: their sizes depend on the codes, so the mix is only "
+                          "held to the budget when its recipe reproduces the levels exactly; search them on levels "
+                          "from the original inputs (inputs='original', CLI: --level-inputs original)")
     t0 = time.perf_counter()
     db = build_levels(lm, entries, calib, levels_dir, inputs=inputs, on_entry=on_entry)
     timings["levels_seconds"] = time.perf_counter() - t0
     rest_bits, rest_numel = rest_of_model(lm.model, db.layers)
     model_numel = db.numel + rest_numel
-    budget_bits = _feasible(db, budget, budget.linear_bits(db.numel, rest_bits, model_numel), lm, rest_bits, model_numel)
-    costs = [[lv.bits for lv in db.levels[n]] for n in db.layers]
+    gguf_rest, budget_rest = None, rest_bits
+    if budget.unit == "gguf":  # costs: each layer's tensor in the GGUF file, everything else measured once
+        sizes, gguf_rest = db.gguf_bytes()
+        costs = [[8 * b for b in sizes[n]] for n in db.layers]
+        budget_rest = 8 * gguf_rest
+        dense = 8 * sum(aligned_bytes(2 * o * i) for o, i in db.shapes.values())  # as float16 tensors
+    else:
+        costs = [[lv.bits for lv in db.levels[n]] for n in db.layers]
+        dense = sum(lm.model.get_submodule(n).weight.element_size() * 8 * o * i for n, (o, i) in db.shapes.items())
+
+    def describe(bits: float) -> str:
+        return budget.describe(bits, db.numel, budget_rest, model_numel)
+
+    budget_bits = _feasible(costs, dense, budget, budget.linear_bits(db.numel, budget_rest, model_numel), describe)
+
+    def cost(choice: Choice) -> int:
+        return sum(c[lv] for c, lv in zip(costs, choice))
 
     t0 = time.perf_counter()
     weights = db.dense_weights()
     timings["load_levels_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    seeds: dict[str, Choice] = {f"uniform {e}": db.uniform(e) for e in db.entries if db.bits(db.uniform(e)) <= budget_bits}
+    seeds: dict[str, Choice] = {f"uniform {e}": db.uniform(e) for e in db.entries if cost(db.uniform(e)) <= budget_bits}
     if lm.causal:
         errors = fisher_errors(lm, db, weights, calib.input_ids[:fisher_samples])
         options = {n: {lv: (errors[n][lv], costs[k][lv]) for lv in range(len(db.entries))} for k, n in enumerate(db.layers)}
@@ -198,9 +218,10 @@ def search(
         executor.close()
     timings["search_seconds"] = outcome.seconds
     bits = db.bits(outcome.choice)
-    spelled = budget.describe(bits, db.numel, rest_bits, model_numel)
+    spelled = describe(cost(outcome.choice))
     recipe = mix_recipe(db, outcome.choice, entries, name,
                         f"searched mix of {', '.join(db.entries)} for {budget.text} ({spelled}); pool KL {outcome.fitness:.4f}")
     return SearchResult(dict(zip(db.layers, (db.entries[c] for c in outcome.choice))), recipe, outcome.fitness,
                         outcome.seeds, outcome.seed_name, budget.text, budget_bits, bits, db.numel, rest_bits,
-                        model_numel, outcome.log, timings, executor.kind, outcome.evaluations, db.inputs)
+                        model_numel, outcome.log, timings, executor.kind, outcome.evaluations, db.inputs,
+                        None if gguf_rest is None else gguf_rest + cost(outcome.choice) // 8)

@@ -136,8 +136,9 @@ class LevelDB:
 
     def gguf_bytes(self) -> tuple[dict[str, list[int]], int]:
         """``({layer: [GGUF bytes of each entry's tensor, alignment padding included]}, rest)``:
-        a mix's GGUF file is ``rest`` plus its layers' bytes, ``rest`` (header, vocabulary,
-        every other tensor) measured by exporting the first entry. An entry whose layer has no
+        a mix's GGUF file is at most ``rest`` plus its layers' bytes, and at most two alignment
+        units less; ``rest`` (header, vocabulary, every other tensor) is measured by exporting the
+        first entry. An entry whose layer has no
         exact ggml type (which export would refuse) is an error naming both."""
         out: dict[str, list[int]] = {name: [] for name in self.layers}
         rest = 0
@@ -152,7 +153,10 @@ class LevelDB:
                                       f"(tensorpress.search.GGUF_MENU: {', '.join(GGUF_MENU)})")
                 out[name].append(aligned_bytes(nbytes))
             if k == 0:
-                rest = gguf_file_bytes(loaded) - sum(sizes[0] for sizes in out.values())
+                # the header's own padding to the alignment can differ by one unit between files
+                # of other tensor types (seen: 32 bytes), so one unit is added: the count is an
+                # upper bound of the file, at most two alignment units above it
+                rest = gguf_file_bytes(loaded) - sum(sizes[0] for sizes in out.values()) + aligned_bytes(1)
             del loaded
         return out, rest
 
